@@ -1,0 +1,61 @@
+"""The unit of training data that flows between the stream, selectors, replay and the engine.
+
+A :class:`Block` is one packed sequence of at most ``block_size`` token ids plus where it came
+from. Blocks are variable-length only at the end of a shard (the tail is not padded into the
+next shard, so a block never mixes domains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Block:
+    """One training sample: token ids (int32) and their provenance."""
+
+    tokens: np.ndarray
+    shard: str
+    domain: str
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def collate(token_lists: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token arrays into a batch; padded positions are masked out of the loss."""
+    if not token_lists:
+        raise ValueError("cannot collate an empty batch")
+    width = max(int(t.shape[0]) for t in token_lists)
+    input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        n = int(tokens.shape[0])
+        input_ids[row, :n] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        attention_mask[row, :n] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy per row, and the number of predicted tokens per row.
+
+    Shifts internally (logits at position t predict labels at t+1), ignores ``IGNORE_INDEX``.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    sums = token_loss.sum(dim=1)
+    return sums / counts.clamp(min=1), counts
