@@ -1,0 +1,127 @@
+"""Recipe sections for the forgetting countermeasures: ``distill``, ``regularize`` and ``train``.
+
+They live together because they answer one question -- how much may the model move away from
+what it already knows -- and the engine reads them side by side when it builds the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from olm_cli.config_base import Section
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: pull the student toward a teacher's output distribution."""
+
+    method: Literal["none", "teacher", "lwf", "stored_logits"] = Field(
+        default="none",
+        description=(
+            "none: plain cross-entropy. teacher: distil from a fixed external model (`teacher`). "
+            "lwf: Learning without Forgetting, the teacher is a frozen copy of the model taken at "
+            "the start of each increment. stored_logits: replayed samples carry the top-k logits "
+            "recorded when they entered the replay buffer (DER-style)."
+        ),
+    )
+    teacher: str | None = Field(
+        default=None,
+        description="Hub id, local directory or checkpoint of the teacher; required for method teacher.",
+    )
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the cross-entropy term; the distillation term gets 1 - alpha.",
+    )
+    temperature: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="Softmax temperature T for both distributions; the KL term is scaled by T^2.",
+    )
+    topk: int = Field(
+        default=16,
+        ge=1,
+        description="stored_logits: how many logits per position are kept with each replay sample.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Passed to from_pretrained when loading the teacher.",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_needs_a_source(self) -> DistillConfig:
+        if self.method == "teacher" and not self.teacher:
+            raise ValueError("distill.method 'teacher' needs distill.teacher (hub id or directory)")
+        return self
+
+
+class RegularizeConfig(Section):
+    """Weight-space penalties that keep parameters near the previous increment's solution."""
+
+    method: Literal["none", "ewc", "l2"] = Field(
+        default="none",
+        description=(
+            "none: no penalty. ewc: Elastic Weight Consolidation, lambda/2 * sum F (theta - "
+            "theta*)^2 with a diagonal Fisher F. l2: lambda/2 * sum (theta - theta*)^2."
+        ),
+    )
+    strength: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="lambda, the penalty weight added to the loss.",
+    )
+    fisher_batches: int = Field(
+        default=8,
+        ge=1,
+        description="ewc: number of batches used to estimate the Fisher at the end of an increment.",
+    )
+    fisher_decay: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "ewc: F <- decay * F_old + F_new after each increment. 1.0 sums the Fisher of every "
+            "increment (classic multi-task EWC); below 1 older increments fade (online EWC); "
+            "0 keeps only the newest."
+        ),
+    )
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (peft) as the model-extension option."""
+
+    r: int = Field(default=8, ge=1, description="Rank of the adapter matrices.")
+    alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Module names (suffixes) that receive adapters, e.g. q_proj, v_proj.",
+    )
+
+
+class TrainConfig(Section):
+    """Which parameters an increment may change."""
+
+    trainable: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Parameter-name patterns that stay trainable; everything else is frozen. fnmatch "
+            "globs (model.layers.0.*), or regular expressions prefixed with 're:' "
+            "(re:model\\.layers\\.[01]\\..*). Empty means every parameter is trainable."
+        ),
+    )
+    full_update_every: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Every N-th increment (N, 2N, ...; increments count from 1) trains every parameter "
+            "despite `trainable`. 0 means never."
+        ),
+    )
+    lora: LoraConfig | None = Field(
+        default=None,
+        description="Train low-rank adapters instead of the full weights; merged into the weights on save.",
+    )
