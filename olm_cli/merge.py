@@ -1,0 +1,185 @@
+"""``olm merge``: weighted parameter averaging of HF checkpoints (model soups, federated averaging).
+
+Only safetensors are read -- a checkpoint is data, and unpickling ``.bin`` files would execute
+code. Tensors are averaged one name at a time in float32 and written in the first checkpoint's
+dtype, so peak memory is one output model plus one accumulator tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from olm_cli.errors import CheckpointError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Everything from_pretrained and AutoTokenizer need besides the weights.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Weights summing to 1; None means a uniform average. Sample counts work as weights."""
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise CheckpointError(f"got {len(weights)} weights for {count} checkpoints")
+    values = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise CheckpointError(f"merge weights must be finite and non-negative, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise CheckpointError("merge weights sum to zero")
+    return [w / total for w in values]
+
+
+def weight_files(checkpoint: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights (single file or sharded)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} is not a directory")
+    single = checkpoint / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    index = checkpoint / INDEX_NAME
+    if index.is_file():
+        with open(index, encoding="utf-8") as fh:
+            weight_map: dict[str, str] = json.load(fh).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (checkpoint / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {checkpoint} is missing shard(s) {missing}")
+        return [checkpoint / f for f in files]
+    if any(checkpoint.glob("*.bin")):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has only pickle (.bin) weights; olm reads safetensors only "
+            "(re-save it with save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"checkpoint {checkpoint} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+class _Reader:
+    """Lazy, mmap-backed access to every tensor of one checkpoint by name."""
+
+    def __init__(self, checkpoint: Path, stack: ExitStack) -> None:
+        self.checkpoint = checkpoint
+        self.where: dict[str, Any] = {}
+        self.metadata: dict[str, str] = {}
+        for path in weight_files(checkpoint):
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            self.metadata.update(handle.metadata() or {})
+            for key in handle.keys():
+                self.where[key] = handle
+
+    def get(self, key: str) -> torch.Tensor:
+        tensor: torch.Tensor = self.where[key].get_tensor(key)
+        return tensor
+
+
+def merge_checkpoints(
+    checkpoints: Sequence[Path], weights: Sequence[float] | None, out: Path
+) -> Path:
+    """Write sum_i w_i * theta_i (w normalised) to ``out`` as an HF checkpoint and return ``out``.
+
+    Config and tokenizer files are copied from the first checkpoint. Every checkpoint must
+    have exactly the same tensor names and shapes; the first difference is reported naming
+    the checkpoint and the tensor. Non-floating tensors (integer buffers) are copied from the
+    first checkpoint and must be equal everywhere. ``out`` must not exist or be empty; the
+    result is written to a temporary sibling and renamed into place, so a failed merge
+    leaves nothing behind.
+    """
+    if not checkpoints:
+        raise CheckpointError("merge needs at least one checkpoint")
+    paths = [Path(c) for c in checkpoints]
+    ws = normalise_weights(weights, len(paths))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"output {out} already exists and is not empty")
+
+    merged: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        readers = [_Reader(p, stack) for p in paths]
+        first = readers[0]
+        names = sorted(first.where)
+        for reader in readers[1:]:
+            extra = sorted(set(reader.where) - set(first.where))
+            missing = sorted(set(first.where) - set(reader.where))
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {reader.checkpoint} lacks tensor {missing[0]!r} "
+                    f"present in {first.checkpoint}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            if extra:
+                raise CheckpointError(
+                    f"checkpoint {reader.checkpoint} has tensor {extra[0]!r} "
+                    f"absent from {first.checkpoint}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
+        for name in names:
+            base = first.get(name)
+            if not base.is_floating_point():
+                for reader in readers[1:]:
+                    other = reader.get(name)
+                    if other.shape != base.shape or not torch.equal(other, base):
+                        raise CheckpointError(
+                            f"non-float tensor {name!r} differs between {first.checkpoint} "
+                            f"and {reader.checkpoint}; it cannot be averaged"
+                        )
+                merged[name] = base.clone()
+                continue
+            acc = base.to(torch.float32) * ws[0]
+            for reader, w in zip(readers[1:], ws[1:], strict=True):
+                tensor = reader.get(name)
+                if tensor.shape != base.shape:
+                    raise CheckpointError(
+                        f"tensor {name!r} has shape {tuple(tensor.shape)} in {reader.checkpoint} "
+                        f"but {tuple(base.shape)} in {first.checkpoint}"
+                    )
+                acc.add_(tensor.to(torch.float32), alpha=w)
+            merged[name] = acc.to(base.dtype)
+        metadata = dict(first.metadata)
+    metadata.setdefault("format", "pt")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(merged, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        for side in SIDE_FILES:
+            src = paths[0] / side
+            if src.is_file():
+                shutil.copy2(src, tmp / side)
+        with open(tmp / "merge.json", "w", encoding="utf-8") as fh:
+            json.dump({"checkpoints": [str(p) for p in paths], "weights": ws}, fh, indent=2)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
