@@ -1,0 +1,100 @@
+"""Recipe section ``selector``: which incoming samples become the next training batch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from olm_cli.config_base import Section
+
+SelectorName = Literal["random", "entropy", "loss", "gradnorm", "diversity", "coverage"]
+SelectionMode = Literal["topk", "sample", "threshold"]
+
+
+class SelectorConfig(Section):
+    """How a pool of candidates is scored and cut down to one batch.
+
+    The pool is ``pool_factor`` times larger than the batch, so a factor of 1 means "train on
+    everything that arrives" whatever the selector; the extra candidates are counted as
+    unselected by the engine, never dropped silently.
+    """
+
+    name: SelectorName = Field(
+        default="random",
+        description=(
+            "Scoring rule. random: uniform, no forward pass. entropy: mean predictive token "
+            "entropy (model uncertainty). loss: mean next-token cross-entropy. gradnorm: "
+            "closed-form per-sample bound on the LM-head gradient norm. diversity: k-center "
+            "greedy on mean-pooled last hidden states (cosine distance). coverage: online "
+            "k-means over embeddings, batch covers clusters in proportion to their mass."
+        ),
+    )
+    pool_factor: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Candidates drawn per step = pool_factor x samples needed. 1 disables selection "
+            "in effect (everything is kept); 4 scores four candidates per training slot."
+        ),
+    )
+    mode: SelectionMode = Field(
+        default="topk",
+        description=(
+            "topk: the k highest scores. sample: k draws without replacement with probability "
+            "proportional to exp(score / temperature), which keeps some easy samples in the "
+            "mix. threshold: candidates scoring at least `threshold`, best first, at most k "
+            "(may return fewer, even none)."
+        ),
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        description=(
+            "Softness of `sample` mode: large values approach uniform sampling, small values "
+            "approach topk. Ignored by the other modes."
+        ),
+    )
+    threshold: float | None = Field(
+        default=None,
+        description=(
+            "Minimum score kept in `threshold` mode (required there, in the selector's own "
+            "units: nats for entropy/loss, cosine distance for diversity, importance for "
+            "coverage)."
+        ),
+    )
+    weighting: bool = Field(
+        default=False,
+        description=(
+            "Weight each selected sample's loss proportionally to its score, normalised to "
+            "mean 1 over the batch, so the loss scale and learning rate keep their meaning."
+        ),
+    )
+    num_clusters: int = Field(
+        default=8,
+        ge=1,
+        description="coverage: number of online k-means centroids kept across steps.",
+    )
+    cluster_decay: float = Field(
+        default=0.99,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "coverage: per-step decay of each cluster's mass, so the notion of 'the stream's "
+            "distribution' follows drift (1.0 = never forget)."
+        ),
+    )
+    score_micro_batch: int = Field(
+        default=16,
+        ge=1,
+        description=(
+            "Candidates per scoring forward pass. Scoring keeps no activations for backward, "
+            "so this can usually exceed the training micro-batch."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _threshold_needs_value(self) -> SelectorConfig:
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("selector.mode 'threshold' requires selector.threshold to be set")
+        return self

@@ -1,0 +1,153 @@
+"""One gradient-free forward pass over a candidate pool, yielding every score a selector needs.
+
+All selectors share this pass so that a pool is run through the model exactly once per step,
+and the engine can reuse the numbers (e.g. as replay priorities) instead of recomputing them.
+
+Why per-row maths: the model's logits for a micro-batch are ``B x T x V``; an fp32 copy of
+that for a 32k vocabulary and 2k context is gigabytes, so the fp32 work is done one row at a
+time (``T x V``) while the forward itself stays batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from olm_cli.samples import Block, collate
+
+
+@dataclass
+class PoolScores:
+    """Per-candidate measurements from the scoring pass, aligned with the pool's order.
+
+    ``entropy``/``loss`` are in nats per predicted token, ``gradnorm`` is the closed-form
+    LM-head gradient-norm bound, ``embeddings`` are mean-pooled last hidden states (not
+    normalised), ``tokens`` the number of predicted tokens per candidate.
+    """
+
+    entropy: np.ndarray
+    loss: np.ndarray
+    gradnorm: np.ndarray
+    embeddings: np.ndarray
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def stats(self) -> dict[str, float]:
+        """Pool means, for logging and for the uncertainty batch policy."""
+        if len(self) == 0:
+            return {}
+        return {
+            "pool_mean_entropy": float(self.entropy.mean()),
+            "pool_mean_loss": float(self.loss.mean()),
+            "pool_mean_gradnorm": float(self.gradnorm.mean()),
+        }
+
+
+def mean_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the next-token distribution per row, over predicting positions.
+
+    A position predicts when both it and the next position are real tokens -- the same
+    positions :func:`olm_cli.samples.per_sample_loss` scores, so entropy and loss of a row
+    average over the same tokens. Rows with no predicting position get 0.
+    """
+    mask = (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    token_entropy = -(logp.exp() * logp).sum(dim=-1)
+    counts = mask.sum(dim=1)
+    return (token_entropy * mask).sum(dim=1) / counts.clamp(min=1)
+
+
+def _row_scores(
+    logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float, float]:
+    """Entropy, loss and gradnorm bound of one row's ``n`` predicting positions.
+
+    For position t with hidden state h_t, LM-head weight W and p_t = softmax(W h_t), the
+    gradient of CE(p_t, y_t) w.r.t. W is (p_t - e_{y_t}) h_t^T, whose Frobenius norm is
+    ||p_t - e_{y_t}|| * ||h_t||. The sample's loss is the mean over its T positions, so by
+    the triangle inequality ||dL/dW|| <= (1/T) sum_t ||p_t - e_{y_t}|| ||h_t|| (equality when
+    T == 1). ||p - e_y||^2 = sum(p^2) - 2 p_y + 1 avoids building the one-hot vector.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(dim=-1)
+    logp_target = logp.gather(-1, targets[:, None]).squeeze(-1)
+    p_target = logp_target.exp()
+    residual_sq = (probs * probs).sum(dim=-1) - 2.0 * p_target + 1.0
+    residual = residual_sq.clamp(min=0.0).sqrt()
+    gradnorm = residual * hidden.float().norm(dim=-1)
+    return float(entropy.mean()), float(-logp_target.mean()), float(gradnorm.mean())
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def score_pool(
+    model: torch.nn.Module, blocks: Sequence[Block], pad_id: int, micro_batch: int
+) -> PoolScores:
+    """Run the pool through ``model`` once, without gradients, and measure every candidate.
+
+    The model's train/eval mode is restored afterwards, so dropout-free scoring does not leak
+    into training. On CUDA the forward runs under bf16 autocast; the maths on its outputs is
+    fp32 either way.
+    """
+    n = len(blocks)
+    entropy = np.zeros(n, dtype=np.float32)
+    loss = np.zeros(n, dtype=np.float32)
+    gradnorm = np.zeros(n, dtype=np.float32)
+    tokens = np.zeros(n, dtype=np.int64)
+    embeddings: np.ndarray | None = None
+    device = model_device(model)
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else nullcontext()
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            for start in range(0, n, micro_batch):
+                chunk = blocks[start : start + micro_batch]
+                batch = collate([b.tokens for b in chunk], pad_id)
+                input_ids = batch["input_ids"].to(device)
+                attention_mask = batch["attention_mask"].to(device)
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+                last_hidden = out.hidden_states[-1]
+                if embeddings is None:
+                    embeddings = np.zeros((n, last_hidden.shape[-1]), dtype=np.float32)
+                mask = attention_mask[..., None].to(last_hidden.dtype)
+                pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+                embeddings[start : start + len(chunk)] = pooled.float().cpu().numpy()
+                for row, block in enumerate(chunk):
+                    length = len(block)
+                    index = start + row
+                    tokens[index] = max(length - 1, 0)
+                    if length < 2:
+                        continue  # nothing to predict: all scores stay 0
+                    e, lo, g = _row_scores(
+                        out.logits[row, : length - 1],
+                        last_hidden[row, : length - 1],
+                        input_ids[row, 1:length],
+                    )
+                    entropy[index], loss[index], gradnorm[index] = e, lo, g
+    finally:
+        model.train(was_training)
+    if embeddings is None:
+        embeddings = np.zeros((0, 0), dtype=np.float32)
+    return PoolScores(entropy, loss, gradnorm, embeddings, tokens)
