@@ -1,0 +1,1 @@
+"""Evaluation: held-out losses per domain and the continual-learning matrix."""
