@@ -1,0 +1,472 @@
+"""The shard ledger: which data files have been trained, which are waiting, which are bad.
+
+Cron runs ``olm train`` every night while new shards land in a data directory. The ledger
+(``RUN/ledger.json``) is how one night knows what the previous nights did: a shard is
+trained exactly once, a shard that changes after training is reported instead of silently
+trained again, and one unreadable shard is quarantined instead of failing every night.
+
+Crash semantics (see docs/run-directory.md): the copy of the ledger stored *inside* a
+checkpoint is authoritative. The engine marks shards done in memory and those marks only
+become durable together with the checkpoint that contains their training. On resume from
+checkpoint C the ledger is restored from C's copy (:meth:`ShardLedger.resume`), so shards
+finished after C are trained again from C's data position, and the final weights contain
+every shard exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from olm_cli.errors import CheckpointError
+from olm_cli.rundir.atomic import write_json_atomic
+
+LEDGER_FORMAT = 1
+LEDGER_FILENAME = "ledger.json"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+class ShardStatus(str, Enum):
+    """Life cycle of one shard; values are what ledger.json stores."""
+
+    PENDING = "pending"  # known, not trained yet
+    IN_PROGRESS = "in_progress"  # an increment started it; a checkpoint holds its position
+    DONE = "done"  # fully trained into a committed checkpoint
+    QUARANTINED = "quarantined"  # unreadable or bad; ``reason`` says why
+    CHANGED = "changed"  # content differs from what was trained; not retrained by default
+    SKIPPED = "skipped"  # deliberately not trained (e.g. duplicate content)
+
+
+_UNFINISHED = (ShardStatus.IN_PROGRESS, ShardStatus.PENDING)
+# Content in these states is (or will be) in the weights, so a new file with the same
+# bytes is a duplicate rather than new data.
+_TRAINED_OR_QUEUED = (ShardStatus.PENDING, ShardStatus.IN_PROGRESS, ShardStatus.DONE)
+
+
+def now_iso() -> str:
+    """Local time with UTC offset: readable in cron logs and unambiguous across DST."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path | str) -> str:
+    """Stream a file through sha256 in 1 MiB chunks so multi-GB shards never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardEntry:
+    """One shard as the ledger knows it.
+
+    ``size``/``mtime_ns`` are the stat of the file when ``sha256`` was computed; when they
+    still match, the hash is trusted and the file is not read again (nightly scans of a
+    large data directory stay cheap). ``position`` is an engine-defined cursor inside the
+    shard (e.g. records consumed) so an ``in_progress`` shard resumes where the checkpoint
+    left it. ``tokens`` counts every token trained from this path, across retrains.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    status: ShardStatus = ShardStatus.PENDING
+    tokens: int = 0
+    increment: int | None = None
+    position: int = 0
+    reason: str | None = None
+    first_seen: str = field(default_factory=now_iso)
+    finished_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardEntry:
+        return cls(
+            path=str(data["path"]),
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            sha256=str(data["sha256"]),
+            status=ShardStatus(data["status"]),
+            tokens=int(data.get("tokens", 0)),
+            increment=None if data.get("increment") is None else int(data["increment"]),
+            position=int(data.get("position", 0)),
+            reason=data.get("reason"),
+            first_seen=str(data.get("first_seen", "")),
+            finished_at=data.get("finished_at"),
+        )
+
+
+@dataclass
+class ScanResult:
+    """What a scan found, for the engine to act on and the CLI to report.
+
+    ``pending`` is the trainable work in the order it should be trained: shards already
+    ``in_progress`` (resumed from a checkpoint) first, then ``pending``, each sorted by path
+    so two runs over the same directory make the same choices.
+    """
+
+    pending: list[ShardEntry] = field(default_factory=list)
+    new: list[ShardEntry] = field(default_factory=list)
+    changed: list[ShardEntry] = field(default_factory=list)
+    duplicates: list[ShardEntry] = field(default_factory=list)
+    unreadable: list[ShardEntry] = field(default_factory=list)
+    requeued: list[ShardEntry] = field(default_factory=list)
+    missing: list[ShardEntry] = field(default_factory=list)
+
+
+def _key(path: Path | str) -> str:
+    return str(Path(path).resolve())
+
+
+class ShardLedger:
+    """The persisted table of shards for one run directory."""
+
+    def __init__(self, path: Path, entries: Sequence[ShardEntry] = (), increment: int = 0) -> None:
+        self.path = Path(path)
+        self._entries: dict[str, ShardEntry] = {e.path: e for e in entries}
+        self._increment = increment
+        # Paths seen by the last scan; plan() only offers shards that exist right now.
+        self._present: set[str] | None = None
+
+    # ------------------------------------------------------------------ persistence
+
+    @classmethod
+    def load(cls, path: Path) -> ShardLedger:
+        """Read ``path``; a missing file is a fresh run, a corrupt one is an error.
+
+        A corrupt ledger is never silently replaced by an empty one: that would retrain
+        every shard and double their weight in the model.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read shard ledger {path}: {exc}") from exc
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(
+                f"shard ledger {path} is corrupt ({exc}); restore it from the latest "
+                f"checkpoint's {LEDGER_FILENAME} or move it away to start over"
+            ) from exc
+        ledger = cls(path)
+        ledger._load_state(state, source=str(path))
+        return ledger
+
+    @classmethod
+    def resume(cls, path: Path, checkpoint_dir: Path | None) -> ShardLedger:
+        """Return the ledger that matches the weights the engine is about to load.
+
+        With a checkpoint, its copy of the ledger wins over ``RUN/ledger.json``: shards
+        marked done after that checkpoint was written are not in its weights and must be
+        trained again. Without a checkpoint nothing is in the weights, so any shard the file
+        calls ``in_progress``/``done``/``changed`` goes back to ``pending``.
+        """
+        if checkpoint_dir is not None:
+            copy = Path(checkpoint_dir) / LEDGER_FILENAME
+            try:
+                state = json.loads(copy.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_dir} has no readable {LEDGER_FILENAME}: {exc}"
+                ) from exc
+            ledger = cls(path)
+            ledger._load_state(state, source=str(copy))
+            return ledger
+        ledger = cls.load(path)
+        for entry in ledger._entries.values():
+            if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE, ShardStatus.CHANGED):
+                entry.status = ShardStatus.PENDING
+                entry.tokens = 0
+                entry.position = 0
+                entry.reason = None
+                entry.finished_at = None
+        return ledger
+
+    def save(self) -> None:
+        """Atomically write ``RUN/ledger.json``.
+
+        Call it after a checkpoint is committed (``latest`` moved): the file is the view
+        ``olm status`` reads; the checkpoint copy is what a resume trusts.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.state_dict())
+
+    def write_copy(self, directory: Path) -> Path:
+        """Store this ledger inside a checkpoint being written (call from the write callback)."""
+        target = Path(directory) / LEDGER_FILENAME
+        write_json_atomic(target, self.state_dict())
+        return target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": LEDGER_FORMAT,
+            "increment": self._increment,
+            "shards": [e.to_dict() for e in self.entries],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace everything with ``state`` exactly (entries, statuses, counters)."""
+        self._load_state(state, source="ledger state")
+
+    def _load_state(self, state: Any, *, source: str) -> None:
+        try:
+            if not isinstance(state, Mapping):
+                raise TypeError("top level is not an object")
+            fmt = state.get("format", LEDGER_FORMAT)
+            if fmt != LEDGER_FORMAT:
+                raise ValueError(f"unsupported format {fmt!r} (this olm reads {LEDGER_FORMAT})")
+            entries = [ShardEntry.from_dict(item) for item in state.get("shards", [])]
+            increment = int(state.get("increment", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"shard ledger {source} is corrupt: {exc!r}") from exc
+        self._entries = {e.path: e for e in entries}
+        self._increment = increment
+        self._present = None
+
+    # ------------------------------------------------------------------ scanning
+
+    def scan(self, shard_paths: Sequence[Path], *, retrain_changed: bool = False) -> ScanResult:
+        """Reconcile the ledger with the shard files that exist now.
+
+        New files become ``pending`` (or ``skipped`` if their bytes duplicate a shard that
+        is trained or queued). A trained shard whose bytes changed becomes ``changed`` and
+        is reported, not retrained, unless ``retrain_changed``. A quarantined or skipped
+        shard whose bytes changed is reconsidered, since that verdict was about the old
+        bytes. Unreadable files are quarantined so one bad file does not fail every night.
+        """
+        result = ScanResult()
+        present: set[str] = set()
+        by_hash = {
+            e.sha256: e
+            for e in self._entries.values()
+            if e.status in _TRAINED_OR_QUEUED and e.sha256
+        }
+        for key in sorted({_key(p) for p in shard_paths}):
+            try:
+                st = os.stat(key)
+            except FileNotFoundError:
+                continue  # vanished between listing and scan: simply not present
+            except OSError as exc:
+                self._record_unreadable(key, None, exc, result)
+                continue
+            present.add(key)
+            entry = self._entries.get(key)
+            if (
+                entry is not None
+                and entry.sha256
+                and (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+            ):
+                continue  # unchanged since last hashed
+            try:
+                digest = sha256_file(key)
+            except OSError as exc:
+                self._record_unreadable(key, st, exc, result)
+                continue
+            if entry is None:
+                entry = ShardEntry(
+                    path=key, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest
+                )
+                self._entries[key] = entry
+                result.new.append(entry)
+                self._dedupe(entry, by_hash, result)
+                continue
+            old = entry.sha256
+            entry.size, entry.mtime_ns, entry.sha256 = st.st_size, st.st_mtime_ns, digest
+            if digest == old:
+                continue  # touched, same bytes
+            if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE):
+                entry.status = ShardStatus.CHANGED
+                entry.reason = (
+                    f"content changed after training (sha256 {old[:12]} -> {digest[:12]})"
+                )
+            elif entry.status in (ShardStatus.QUARANTINED, ShardStatus.SKIPPED):
+                entry.status = ShardStatus.PENDING
+                entry.reason = None
+                entry.position = 0
+                result.requeued.append(entry)
+                self._dedupe(entry, by_hash, result)
+            # PENDING: nothing trained yet, the new hash is simply recorded.
+            # CHANGED: stays changed; reason keeps naming the hash that was trained.
+
+        for entry in self.entries:
+            if entry.status is not ShardStatus.CHANGED:
+                continue
+            if retrain_changed and entry.path in present:
+                entry.status = ShardStatus.PENDING
+                entry.reason = None
+                entry.position = 0
+                entry.finished_at = None
+            result.changed.append(entry)
+
+        self._present = present
+        result.pending = self._unfinished(present)
+        result.missing = [
+            e for e in self.entries if e.status in _UNFINISHED and e.path not in present
+        ]
+        return result
+
+    def _dedupe(
+        self, entry: ShardEntry, by_hash: dict[str, ShardEntry], result: ScanResult
+    ) -> None:
+        original = by_hash.get(entry.sha256)
+        if original is not None and original.path != entry.path:
+            entry.status = ShardStatus.SKIPPED
+            entry.reason = f"same content as {original.path}"
+            result.duplicates.append(entry)
+        else:
+            by_hash[entry.sha256] = entry
+
+    def _record_unreadable(
+        self, key: str, st: os.stat_result | None, exc: OSError, result: ScanResult
+    ) -> None:
+        entry = self._entries.get(key)
+        reason = f"cannot read: {exc.strerror or exc}"
+        if entry is None:
+            # Empty sha256 means "never hashed": the next scan retries instead of trusting
+            # the stat, so fixing permissions (which does not touch mtime) is enough.
+            entry = ShardEntry(
+                path=key,
+                size=st.st_size if st else 0,
+                mtime_ns=st.st_mtime_ns if st else 0,
+                sha256="",
+                status=ShardStatus.QUARANTINED,
+                reason=reason,
+            )
+            self._entries[key] = entry
+            result.new.append(entry)
+            result.unreadable.append(entry)
+        elif entry.status in _UNFINISHED:
+            entry.status = ShardStatus.QUARANTINED
+            entry.reason = reason
+            entry.sha256 = ""
+            result.unreadable.append(entry)
+
+    def _unfinished(self, present: set[str] | None) -> list[ShardEntry]:
+        def usable(e: ShardEntry) -> bool:
+            return present is None or e.path in present
+
+        started = [e for e in self.entries if e.status is ShardStatus.IN_PROGRESS and usable(e)]
+        waiting = [e for e in self.entries if e.status is ShardStatus.PENDING and usable(e)]
+        return started + waiting
+
+    def plan(self, max_shards: int | None = None) -> list[ShardEntry]:
+        """The shards this increment should train, in order (in_progress first).
+
+        After a :meth:`scan`, only shards whose files were present are offered.
+        """
+        if max_shards is not None and max_shards < 1:
+            raise ValueError(f"max_shards must be at least 1 or None, got {max_shards}")
+        work = self._unfinished(self._present)
+        return work if max_shards is None else work[:max_shards]
+
+    # ------------------------------------------------------------------ transitions
+
+    def start_increment(self) -> int:
+        """Number the increment that is about to train (1, 2, ...).
+
+        The counter lives in the ledger, so it is also rewound by a resume: an increment
+        that crashed before its first checkpoint reuses its number.
+        """
+        self._increment += 1
+        return self._increment
+
+    def mark_in_progress(self, path: Path | str, increment: int) -> ShardEntry:
+        entry = self.get(path)
+        entry.status = ShardStatus.IN_PROGRESS
+        entry.increment = increment
+        return entry
+
+    def add_tokens(self, path: Path | str, n: int, *, position: int | None = None) -> ShardEntry:
+        """Count tokens trained from a shard and, optionally, move its resume cursor."""
+        entry = self.get(path)
+        entry.tokens += int(n)
+        if position is not None:
+            entry.position = int(position)
+        return entry
+
+    def mark_done(
+        self, path: Path | str, tokens: int = 0, increment: int | None = None
+    ) -> ShardEntry:
+        """Finish a shard; ``tokens`` are added to what :meth:`add_tokens` already counted.
+
+        Only durable once the checkpoint containing this shard's training is committed:
+        call this before writing the checkpoint so its ledger copy includes it.
+        """
+        entry = self.get(path)
+        entry.tokens += int(tokens)
+        if increment is not None:
+            entry.increment = increment
+        entry.status = ShardStatus.DONE
+        entry.reason = None
+        entry.finished_at = now_iso()
+        return entry
+
+    def quarantine(self, path: Path | str, reason: str) -> ShardEntry:
+        """Take a shard out of training until its content changes."""
+        entry = self.get(path)
+        entry.status = ShardStatus.QUARANTINED
+        entry.reason = reason
+        entry.finished_at = now_iso()
+        return entry
+
+    def skip(self, path: Path | str, reason: str) -> ShardEntry:
+        """Deliberately never train a shard (until its content changes)."""
+        entry = self.get(path)
+        entry.status = ShardStatus.SKIPPED
+        entry.reason = reason
+        return entry
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, path: Path | str) -> ShardEntry:
+        key = _key(path)
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"shard {key} is not in the ledger {self.path}") from None
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, (str, Path)) and _key(path) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[ShardEntry]:
+        return iter(self.entries)
+
+    @property
+    def entries(self) -> list[ShardEntry]:
+        """All entries sorted by path (the order ledger.json uses)."""
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    @property
+    def increment(self) -> int:
+        """Number of the last increment started (0 before the first)."""
+        return self._increment
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(e.tokens for e in self._entries.values())
+
+    def counts(self) -> dict[str, int]:
+        """Shards per status, every status present (zeros included) for stable JSON output."""
+        counts = {s.value: 0 for s in ShardStatus}
+        for entry in self._entries.values():
+            counts[entry.status.value] += 1
+        return counts

@@ -1,0 +1,143 @@
+"""What ``olm status --run DIR [--json]`` reports, read straight from the run directory.
+
+Status is read-only and never takes the lock, so it is safe to run while training (and
+from monitoring scripts). It reports problems it finds (a corrupt ledger, a broken
+checkpoint) in ``problems`` instead of failing: a status command that crashes on exactly
+the runs that need attention would be useless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from olm_cli.errors import CheckpointError, OlmError
+from olm_cli.rundir.checkpoint import CheckpointManager, read_manifest, step_of
+from olm_cli.rundir.ledger import LEDGER_FILENAME, ShardLedger, ShardStatus
+from olm_cli.rundir.lock import read_holder
+
+_TAIL_BLOCK = 8192
+
+
+def last_json_line(path: Path) -> dict[str, Any] | None:
+    """The last complete JSON object in a JSON-lines file, reading only its tail.
+
+    metrics.jsonl grows by a line per step for months; reading it whole to show one line
+    would make ``olm status`` slow exactly on the runs that matter. A torn last line (a
+    writer mid-append) is skipped in favour of the one before it.
+    """
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        return None
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        buffer = b""
+        pos = end
+        while pos > 0:
+            step = min(_TAIL_BLOCK, pos)
+            pos -= step
+            fh.seek(pos)
+            buffer = fh.read(step) + buffer
+            lines = buffer.split(b"\n")
+            # lines[0] may be cut unless we reached the start of the file.
+            complete = lines if pos == 0 else lines[1:]
+            for raw in reversed(complete):
+                if not raw.strip():
+                    continue
+                try:
+                    value = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(value, dict):
+                    return value
+            if len(buffer) > 64 * _TAIL_BLOCK and len(lines) > 2:
+                return None  # many lines and none parse: give up rather than read it all
+    return None
+
+
+def collect_status(run_dir: Path) -> dict[str, Any]:
+    """Everything ``olm status`` shows, as JSON-ready data (``--json`` prints it as is)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise OlmError(f"run directory {run_dir} does not exist")
+    problems: list[str] = []
+
+    shards = {s.value: 0 for s in ShardStatus}
+    tokens = 0
+    increments = 0
+    try:
+        ledger = ShardLedger.load(run_dir / LEDGER_FILENAME)
+        shards, tokens, increments = ledger.counts(), ledger.total_tokens, ledger.increment
+    except CheckpointError as exc:
+        problems.append(str(exc))
+
+    last_checkpoint = None
+    choice = CheckpointManager(run_dir / "checkpoints").resolve_latest()
+    problems.extend(choice.warnings)
+    if choice.path is not None:
+        created = None
+        try:
+            created = read_manifest(choice.path).get("created")
+        except CheckpointError:
+            pass  # verified a moment ago; a race with pruning is not worth a problem line
+        last_checkpoint = {
+            "step": step_of(choice.path),
+            "created": created,
+            "path": str(choice.path.resolve()),
+        }
+
+    holder = read_holder(run_dir)
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "increments": increments,
+        "shards": shards,
+        "tokens_trained": tokens,
+        "last_checkpoint": last_checkpoint,
+        "last_eval": last_json_line(run_dir / "eval" / "history.jsonl"),
+        "last_metrics": last_json_line(run_dir / "metrics.jsonl"),
+        "lock": holder.to_dict() if holder else None,
+        "problems": problems,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_status(status: dict[str, Any], console: Console) -> None:
+    """Human view of :func:`collect_status`'s data."""
+    table = Table(title=f"olm run {status['run_dir']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    lock = status.get("lock")
+    table.add_row(
+        "state",
+        f"[yellow]running[/]: pid {lock['pid']} on {lock['host']} since {lock['started']}"
+        if lock
+        else "idle",
+    )
+    table.add_row("increments", str(status["increments"]))
+    table.add_row("tokens trained", f"{status['tokens_trained']:,}")
+    shards = status["shards"]
+    table.add_row("shards", ", ".join(f"{k} {v}" for k, v in shards.items() if v) or "none")
+    ckpt = status.get("last_checkpoint")
+    table.add_row(
+        "last checkpoint",
+        f"step {ckpt['step']} ({ckpt['created']})\n{ckpt['path']}" if ckpt else "none",
+    )
+    for key, label in (("last_eval", "last eval"), ("last_metrics", "last metrics")):
+        value = status.get(key)
+        table.add_row(
+            label, "  ".join(f"{k}={_fmt(v)}" for k, v in value.items()) if value else "none"
+        )
+    console.print(table)
+    for problem in status.get("problems", []):
+        console.print(f"[red]problem:[/] {problem}", highlight=False)
