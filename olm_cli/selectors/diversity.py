@@ -42,7 +42,8 @@ def k_center_greedy(
     The first pick is the candidate farthest from the pool's mean direction (the most
     atypical); each later pick maximises its cosine distance to the nearest chosen one.
     ``sample`` draws each pick from softmax(distance / temperature) instead of the argmax;
-    ``threshold`` stops once no candidate is at least ``threshold`` away from the batch.
+    ``threshold`` stops once no candidate is at least ``threshold`` away from the batch (the
+    first pick has no batch to be compared with, so a non-empty pool always yields one).
     A candidate's score is its distance to the batch when it was picked, or, if never
     picked, its distance to the final batch -- "how much new ground it covers".
     """
@@ -61,7 +62,7 @@ def k_center_greedy(
     for _ in range(k):
         candidates = np.flatnonzero(~chosen)
         values = min_dist[candidates]
-        if mode == "threshold" and threshold is not None and values.max() < threshold:
+        if mode == "threshold" and picks and threshold is not None and values.max() < threshold:
             break
         if mode == "sample":
             keys = gumbel_keys(values / temperature, generator)
@@ -71,7 +72,9 @@ def k_center_greedy(
         scores[pick] = min_dist[pick]
         chosen[pick] = True
         picks.append(pick)
-        min_dist = np.minimum(min_dist, np.clip(1.0 - x @ x[pick], 0.0, 2.0))
+        to_pick = np.clip(1.0 - x @ x[pick], 0.0, 2.0)
+        # The distance to the mean only seeded the first pick; from then on it is the batch.
+        min_dist = to_pick if len(picks) == 1 else np.minimum(min_dist, to_pick)
     scores[~chosen] = min_dist[~chosen]
     return picks, scores
 
