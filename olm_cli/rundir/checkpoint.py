@@ -111,7 +111,7 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        write: Callable[[Path], None],
+        write: Callable[[Path], object],
         *,
         metadata: Mapping[str, Any] | None = None,
     ) -> Path:
@@ -235,11 +235,13 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         removed = []
+        restored = False
         for child in sorted(self.root.iterdir()):
             if child.name.startswith(_TRASH_PREFIX):
                 original = self.root / f"step-{child.name[len(_TRASH_PREFIX) :]}"
                 if not original.exists():
                     os.rename(child, original)
+                    restored = True
                     continue
             if child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 shutil.rmtree(child, ignore_errors=True)
@@ -247,7 +249,7 @@ class CheckpointManager:
             elif child.name.startswith(_LINK_TMP_PREFIX):
                 child.unlink(missing_ok=True)
                 removed.append(child)
-        if removed:
+        if removed or restored:
             fsync_dir(self.root)
         return removed
 

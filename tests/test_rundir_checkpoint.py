@@ -1,0 +1,235 @@
+"""CheckpointManager: atomic save, ENOSPC, corruption fallback, keep-K, the latest link."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from olm_cli.errors import CheckpointError
+from olm_cli.rundir import atomic as atomic_mod
+from olm_cli.rundir import checkpoint as checkpoint_mod
+from olm_cli.rundir.checkpoint import CheckpointManager
+
+
+def writer(tag: str) -> Callable[[Path], None]:
+    """Write a small HF-like checkpoint whose contents identify ``tag``."""
+
+    def write(directory: Path) -> None:
+        (directory / "config.json").write_text(json.dumps({"tag": tag}))
+        (directory / "model.safetensors").write_bytes(tag.encode() * 100)
+        (directory / "replay").mkdir()
+        (directory / "replay" / "buffer.json").write_text("[1, 2, 3]")
+
+    return write
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> CheckpointManager:
+    return CheckpointManager(tmp_path / "checkpoints", keep=3)
+
+
+def test_save_publishes_complete_checkpoint_with_manifest(manager: CheckpointManager):
+    path = manager.save(120, writer("a"), metadata={"increment": 1})
+
+    assert path == manager.root / "step-00000120"
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    assert manifest["step"] == 120 and manifest["metadata"] == {"increment": 1}
+    assert manifest["created"]
+    files = {f["path"]: f for f in manifest["files"]}
+    assert set(files) == {"config.json", "model.safetensors", "replay/buffer.json"}
+    assert files["model.safetensors"]["size"] == 100
+    assert files["model.safetensors"]["sha256"] == hashlib.sha256(b"a" * 100).hexdigest()
+    link = manager.root / "latest"
+    assert link.is_symlink() and os.readlink(link) == "step-00000120"  # relative
+    # The link is a loadable path: files resolve through it.
+    assert json.loads((link / "config.json").read_text()) == {"tag": "a"}
+    assert manager.latest() == path
+    manager.verify(path, deep=True)
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000120"]
+
+
+def test_keep_k_prunes_oldest(manager: CheckpointManager):
+    for step in (10, 20, 30, 40, 50):
+        manager.save(step, writer(str(step)))
+    assert [p.name for p in manager.list()] == ["step-00000030", "step-00000040", "step-00000050"]
+    assert manager.latest() == manager.root / "step-00000050"
+
+
+def test_prune_never_removes_latest_target_and_drops_broken(tmp_path: Path):
+    manager = CheckpointManager(tmp_path / "ck", keep=1)
+    manager.save(10, writer("10"))
+    manager.save(20, writer("20"))
+    # Resume from 20, but a newer broken leftover exists (e.g. copied in by hand).
+    broken = manager.root / "step-00000030"
+    broken.mkdir()
+    assert manager.prune() == [broken]
+    assert [p.name for p in manager.list()] == ["step-00000020"]
+
+
+def test_enospc_midway_leaves_previous_checkpoint_untouched(manager: CheckpointManager):
+    good = manager.save(120, writer("good"))
+
+    def fill_disk(directory: Path) -> None:
+        (directory / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(CheckpointError) as info:
+        manager.save(140, fill_disk)
+    assert str(info.value) == (
+        "could not write checkpoint step-00000140: [Errno 28] No space left on device"
+    )
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000120"]
+    assert manager.latest() == good
+    manager.verify(good, deep=True)
+
+
+def test_failing_fsync_is_a_checkpoint_error_and_nothing_moves(
+    manager: CheckpointManager, monkeypatch
+):
+    good = manager.save(1, writer("one"))
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match=r"step-00000002: \[Errno 28\] No space left"):
+        manager.save(2, writer("two"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
+    assert manager.latest() == good
+
+
+def test_failure_after_publish_restores_previous_latest(manager: CheckpointManager, monkeypatch):
+    """ENOSPC on the final directory fsync, after ``latest`` already moved."""
+    good = manager.save(1, writer("one"))
+    real = atomic_mod.fsync_dir
+    calls = {"n": 0}
+
+    def flaky(path: Path) -> None:
+        if Path(path) == manager.root and os.readlink(manager.root / "latest") == "step-00000002":
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path)
+
+    monkeypatch.setattr(checkpoint_mod, "fsync_dir", flaky)
+    with pytest.raises(CheckpointError):
+        manager.save(2, writer("two"))
+    monkeypatch.undo()
+    assert calls["n"] == 1
+    assert os.readlink(manager.root / "latest") == "step-00000001"
+    assert [p.name for p in manager.list()] == ["step-00000001"]
+    assert manager.latest() == good
+
+
+def test_symlink_failure_leaves_latest(manager: CheckpointManager, monkeypatch):
+    manager.save(1, writer("one"))
+
+    def no_symlink(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "symlink", no_symlink)
+    with pytest.raises(CheckpointError):
+        manager.save(2, writer("two"))
+    monkeypatch.undo()
+    assert [p.name for p in manager.list()] == ["step-00000001"]
+    assert os.readlink(manager.root / "latest") == "step-00000001"
+    assert not [p for p in manager.root.iterdir() if p.name.startswith(".")]
+
+
+def test_non_os_errors_clean_up_and_propagate(manager: CheckpointManager):
+    def buggy(directory: Path) -> None:
+        (directory / "x").write_text("x")
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        manager.save(5, buggy)
+    assert list(manager.root.iterdir()) == []
+
+
+def test_truncated_model_falls_back_with_warning(manager: CheckpointManager, caplog):
+    older = manager.save(100, writer("old"))
+    newer = manager.save(120, writer("new"))
+    with open(newer / "model.safetensors", "r+b") as fh:
+        fh.truncate(10)
+
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest() == older
+    assert "step-00000120 is unusable" in caplog.text
+    assert "model.safetensors is 10 bytes, manifest says 300" in caplog.text
+    choice = manager.resolve_latest()
+    assert choice.path == older
+    assert [r.path for r in choice.rejected] == [newer]
+
+
+def test_missing_manifest_falls_back(manager: CheckpointManager):
+    older = manager.save(100, writer("old"))
+    newer = manager.save(120, writer("new"))
+    (newer / "MANIFEST.json").unlink()
+    choice = manager.resolve_latest()
+    assert choice.path == older
+    assert "MANIFEST.json is missing" in choice.rejected[0].reason
+
+
+def test_deep_verify_catches_same_size_corruption(manager: CheckpointManager):
+    older = manager.save(100, writer("old"))
+    newer = manager.save(120, writer("new"))
+    (newer / "model.safetensors").write_bytes(b"x" * 300)  # same size, other bytes
+    assert manager.latest() == newer  # shallow check cannot tell
+    assert manager.latest(deep=True) == older
+    with pytest.raises(CheckpointError, match="sha256"):
+        manager.verify(newer, deep=True)
+
+
+def test_no_checkpoint_at_all(manager: CheckpointManager):
+    assert manager.latest() is None
+    assert manager.list() == []
+    assert manager.cleanup_temp() == []
+
+
+def test_dangling_latest_uses_newest_that_verifies(manager: CheckpointManager):
+    manager.save(1, writer("one"))
+    two = manager.save(2, writer("two"))
+    import shutil
+
+    shutil.rmtree(two)
+    choice = manager.resolve_latest()
+    assert choice.path == manager.root / "step-00000001"
+    assert "points to missing step-00000002" in choice.rejected[0].reason
+
+
+def test_cleanup_temp_removes_partial_and_restores_trash(manager: CheckpointManager):
+    manager.save(1, writer("one"))
+    partial = manager.root / ".tmp-step-00000002"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    (manager.root / ".latest.tmp-999").symlink_to("step-00000001")
+    # Crash between moving an old step-3 aside and publishing its replacement.
+    trashed = manager.save(3, writer("three")).rename(manager.root / ".trash-step-00000003")
+
+    removed = manager.cleanup_temp()
+
+    assert sorted(p.name for p in removed) == [".latest.tmp-999", ".tmp-step-00000002"]
+    assert (manager.root / "step-00000003").is_dir() and not trashed.exists()
+    assert manager.latest() == manager.root / "step-00000003"
+
+
+def test_resaving_same_step_replaces_it(manager: CheckpointManager):
+    manager.save(1, writer("one"))
+    manager.save(2, writer("first"))
+    path = manager.save(2, writer("again"))
+    assert json.loads((path / "config.json").read_text()) == {"tag": "again"}
+    assert [p.name for p in manager.list()] == ["step-00000001", "step-00000002"]
+    assert not [p for p in manager.root.iterdir() if p.name.startswith(".")]
+    manager.verify(path, deep=True)
+
+
+def test_keep_must_be_positive(tmp_path: Path):
+    with pytest.raises(ValueError):
+        CheckpointManager(tmp_path, keep=0)
