@@ -1,6 +1,6 @@
 """Write a tiny Llama GGUF file that ``transformers`` loads, for tests of GGUF model sources.
 
-Real GGUF checkpoints are hundreds of megabytes; this one is ~100 KB and takes milliseconds,
+Real GGUF checkpoints are hundreds of megabytes; this one is ~440 KB and takes milliseconds,
 yet goes through the same path as a llama.cpp conversion:
 
 * weights under llama.cpp's tensor names (``token_embd.weight``, ``blk.N.attn_q.weight`` ...),
