@@ -233,3 +233,17 @@ def test_resaving_same_step_replaces_it(manager: CheckpointManager):
 def test_keep_must_be_positive(tmp_path: Path):
     with pytest.raises(ValueError):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_checkpoints_beyond_latest_are_an_abandoned_future(manager: CheckpointManager):
+    """A save crashed after its rename but before ``latest`` moved; resume used 100."""
+    manager.save(100, writer("100"))
+    orphan = manager.save(140, writer("orphan"))
+    (manager.root / "latest").unlink()
+    (manager.root / "latest").symlink_to("step-00000100")
+    assert manager.latest() == manager.root / "step-00000100"  # the link is the commit point
+
+    manager.save(110, writer("110"))
+
+    assert not orphan.exists()
+    assert [p.name for p in manager.list()] == ["step-00000100", "step-00000110"]

@@ -200,25 +200,40 @@ class CheckpointManager:
         """Delete all but the newest ``keep`` complete checkpoints, never ``latest``'s target.
 
         Broken checkpoints do not count towards ``keep`` (they would push out good ones)
-        and are deleted. A failure here is logged, not raised: the new checkpoint is
-        already safe and a full disk will be reported by the next save.
+        and are deleted. So are checkpoints with a step beyond ``latest``'s: training
+        resumed from an earlier one, so they belong to an abandoned future (e.g. a save
+        that crashed after its rename, before ``latest`` moved). A failure here is logged,
+        not raised: the new checkpoint is already safe and a full disk will be reported by
+        the next save.
         """
         target = self._latest_target()
+        limit = None
+        if target is not None:
+            try:
+                self.verify(target)
+                limit = step_of(target)
+            except CheckpointError:
+                target = None  # cannot tell which timeline is current; delete nothing newer
         complete: list[Path] = []
-        broken: list[Path] = []
+        doomed: list[Path] = []
         for path in reversed(self.list()):
+            if path == target:
+                complete.append(path)
+                continue
             try:
                 self.verify(path)
-                complete.append(path)
             except CheckpointError:
-                broken.append(path)
+                doomed.append(path)
+                continue
+            if limit is not None and step_of(path) > limit:
+                doomed.append(path)
+            else:
+                complete.append(path)
         keep = set(complete[: self.keep])
         if target is not None:
             keep.add(target)
         removed = []
-        for path in complete[self.keep :] + broken:
-            if path in keep:
-                continue
+        for path in sorted(set(complete) - keep, key=step_of) + doomed:
             try:
                 shutil.rmtree(path)
                 removed.append(path)
