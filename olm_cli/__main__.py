@@ -1,0 +1,3 @@
+from olm_cli.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""The ``olm`` command line. Thin: it parses arguments and calls one function per command.
+
+Exit codes: 0 ok (or nothing to do), 1 failure, 2 recipe/usage error, 75 run directory locked,
+130 interrupted by SIGINT, 143 stopped by SIGTERM (a checkpoint was written in both cases).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from olm_cli.errors import EXIT_USAGE, OlmError, RecipeError
+
+app = typer.Typer(
+    name="olm",
+    help="Keep a causal language model learning as new text shards arrive.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides applied after the file, e.g. optim.lr=3e-4 run.dir=/tmp/x.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def train(config: ConfigOption, overrides: OverridesArg = None, json_out: JsonOption = False) -> None:
+    """Train one increment on the shards not yet seen (or finish an interrupted one).
+
+    Example: olm train --config configs/quickstart.yaml run.max_steps=50
+    """
+    from olm_cli.engine import train as run_train
+    from olm_cli.recipe import load_recipe
+
+    recipe = load_recipe(config, overrides or [])
+    outcome = run_train(recipe, console=err_console if json_out else console)
+    if json_out:
+        _print_json(outcome.__dict__)
+    elif outcome.message:
+        console.print(outcome.message)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def validate(config: ConfigOption, overrides: OverridesArg = None, json_out: JsonOption = False) -> None:
+    """Check a recipe and print it fully resolved (defaults filled in, paths absolute).
+
+    Example: olm validate --config configs/quickstart.yaml optim.lr=1e-3
+    """
+    from olm_cli.recipe import load_recipe
+
+    recipe = load_recipe(config, overrides or [])
+    if json_out:
+        _print_json(recipe.model_dump(mode="json"))
+    else:
+        sys.stdout.write(recipe.to_yaml())
+
+
+def _parse_pairs(pairs: list[str], option: str) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise RecipeError(f"{option} {pair!r}: expected NAME=VALUE")
+        parsed[name] = value
+    return parsed
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory: evaluates its latest checkpoint.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="An HF model directory to evaluate.")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="NAME=PATH held-out file (repeatable). Default: the recipe's eval.sets.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per block (default: the run's data.block_size, else 256).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens per domain at most.")] = None,
+    matrix: Annotated[bool, typer.Option("--matrix", help="Show the run's continual-learning matrix and its summary instead.")] = False,
+    union: Annotated[list[str] | None, typer.Option("--union", help="DOMAIN=LOSS of a union-trained reference, for intransigence (repeatable).")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Per-domain held-out loss and perplexity, or the continual-learning matrix.
+
+    Examples: olm eval --run runs/quickstart --json;
+    olm eval --checkpoint runs/quickstart/checkpoints/latest --data code=data/eval/code.jsonl;
+    olm eval --run runs/quickstart --matrix
+    """
+    from olm_cli.commands import run_eval, show_matrix
+
+    if matrix:
+        if run is None:
+            raise RecipeError("--matrix needs --run DIR")
+        unions = {k: float(v) for k, v in _parse_pairs(union or [], "--union").items()} or None
+        show_matrix(run, union=unions, as_json=json_out, console=console)
+        return
+    run_eval(run=run, checkpoint=checkpoint, data=_parse_pairs(data or [], "--data"), block_size=block_size,
+             max_tokens=max_tokens, as_json=json_out, console=console)
+
+
+@app.command()
+def status(
+    run: Annotated[Path, typer.Option("--run", help="Run directory.")],
+    json_out: JsonOption = False,
+) -> None:
+    """Increments, shards per status, tokens, last checkpoint and eval, lock holder.
+
+    Example: olm status --run runs/quickstart --json
+    """
+    from olm_cli.rundir import collect_status, render_status
+
+    info = collect_status(run)
+    if json_out:
+        _print_json(info)
+    else:
+        render_status(info, console)
+
+
+@app.command("replay-inspect")
+def replay_inspect(
+    run: Annotated[Path, typer.Option("--run", help="Run directory.")],
+    show: Annotated[int, typer.Option("--show", help="Decode and print N samples.")] = 0,
+    export: Annotated[Path | None, typer.Option("--export", help="Write every sample as one JSON line.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """What the replay buffer of the latest checkpoint holds.
+
+    Example: olm replay-inspect --run runs/quickstart --show 3
+    """
+    from olm_cli.commands import inspect_run_replay
+
+    inspect_run_replay(run, show=show, export=export, as_json=json_out, console=console)
+
+
+@app.command()
+def merge(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (HF format) to average.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
+    weights: Annotated[list[float] | None, typer.Option("--weights", help="One weight per checkpoint (e.g. sample counts); normalised. Default: equal.")] = None,
+) -> None:
+    """Weighted parameter averaging of checkpoints into one loadable checkpoint.
+
+    Example: olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3 --weights 1 --out merged
+    """
+    from olm_cli.merge import merge_checkpoints
+
+    path = merge_checkpoints(checkpoints, weights or None, out)
+    console.print(f"merged {len(checkpoints)} checkpoints → {path}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except OlmError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

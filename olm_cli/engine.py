@@ -1,0 +1,721 @@
+"""The training engine: one increment of continual training, readable top to bottom.
+
+``Trainer.setup()`` loads everything in dependency order (lock → checkpoint → ledger and plan →
+model and tokenizer → strategies → optimiser → data position). ``Trainer.train()`` runs the
+step::
+
+    select → batch → mix replay → forward → losses (task + distillation + regulariser)
+           → backward → step → log → checkpoint
+
+Strategies (selectors, batch policies, replay, distillation, regularisers) plug into that line
+through their small protocols; none of them re-implements the loop. Everything needed to
+continue lives in the checkpoint, so a run killed at any moment resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from olm_cli.data import BlockStream, discover_shards, shard_format, validate_shard
+from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
+from olm_cli.recipe import Recipe
+from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
+from olm_cli.samples import Block, collate, per_sample_loss
+from olm_cli.state_files import load_tree, save_tree
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainOutcome:
+    """What one invocation did; the CLI turns it into a message and an exit code."""
+
+    status: str  # "nothing_to_do" | "increment_complete" | "time_budget" | "interrupted"
+    exit_code: int
+    increment: int = 0
+    steps: int = 0
+    tokens: int = 0
+    checkpoint: str | None = None
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, *, warmup: int, horizon: int, schedule: str, min_ratio: float) -> float:
+    """Re-warm then re-decay inside one increment (continual pre-training practice)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": recipe.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # foreach=False keeps the update order fixed, which bit-identical resume relies on.
+    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps, foreach=False)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _rng_to_tree(state: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = state["python"]
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    tree: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": np_keys, "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": state["torch"],
+    }
+    if "cuda" in state:
+        tree["cuda"] = {str(i): s for i, s in enumerate(state["cuda"])}
+    return tree
+
+
+def _restore_rng(tree: dict[str, Any]) -> None:
+    py = tree["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npy = tree["numpy"]
+    np.random.set_state((npy["name"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(tree["torch"])
+    if "cuda" in tree and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tree["cuda"][k] for k in sorted(tree["cuda"], key=int)])
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One invocation of ``olm train``: at most one increment (or the rest of an interrupted one)."""
+
+    def __init__(self, recipe: Recipe, *, console: Any = None) -> None:
+        self.recipe = recipe
+        self.console = console
+        self.run_dir = Path(recipe.run.dir)
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ setup
+
+    def plan(self) -> bool:
+        """Decide what this invocation trains, without loading the model. False: nothing to do."""
+        recipe = self.recipe
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
+        self.checkpoints.cleanup_temp()
+        self.latest = self.checkpoints.latest()
+        self.state: dict[str, Any] = {}
+        if self.latest is not None:
+            self.state = json.loads((self.latest / TRAINER_STATE).read_text())
+        # The ledger inside the checkpoint is the truth: shards finished after it was written
+        # are trained again from the checkpoint's data position, so none is trained twice.
+        self.ledger = ShardLedger.load(self.run_dir / "ledger.json")
+        if self.latest is not None and "ledger" in self.state:
+            self.ledger.load_state_dict(self.state["ledger"])
+
+        self.resuming = bool(self.state) and not self.state.get("increment_complete", True)
+        self.carried_state: dict[str, Any] | None = None
+        if self.resuming:
+            self.shard_plan = [Path(p) for p in self.state["stream"]["shards"]]
+            return True
+
+        # Carried data: the previous increment stopped at its step budget inside a shard.
+        carried = self.state.get("stream") if self.state else None
+        carried_shards = []
+        if carried:
+            carried_shards = [Path(p) for p in carried["shards"][carried["shard_index"] :]]
+        paths = discover_shards(recipe.data.shards) if recipe.data.shards else []
+        scan = self.ledger.scan(paths, retrain_changed=recipe.run.retrain_changed)
+        for path in scan.changed:
+            self._say(f"[yellow]warning:[/] {path} changed after it was trained; skipped (set run.retrain_changed: true to train it again)")
+        carried_set = {str(p) for p in carried_shards}
+        limit = recipe.run.max_shards_per_increment
+        fresh = [Path(e.path) for e in self.ledger.plan(None) if e.path not in carried_set]
+        plan: list[Path] = list(carried_shards)
+        for path in fresh:
+            if limit is not None and len(plan) >= limit:
+                break
+            try:
+                validate_shard(path, shard_format(path, recipe.data.format), recipe.data.text_field)
+            except DataError as exc:
+                self.ledger.quarantine(str(path), str(exc))
+                self._say(f"[yellow]quarantined:[/] {exc}")
+                continue
+            plan.append(path)
+        self.ledger.save()
+        self.carried_state = carried if carried_shards else None
+        self.shard_plan = plan
+        has_carry = bool(carried and (carried["pending"] or carried["dataset_state"] is not None or carried_shards))
+        return bool(plan) or has_carry
+
+    def setup(self) -> None:
+        """Load model, tokenizer, strategies, optimiser and data position (in that order)."""
+        from accelerate import Accelerator
+
+        from olm_cli.batching import build_batch_policy
+        from olm_cli.distill import build_distiller, build_regularizer
+        from olm_cli.modeling import load_pretrained, load_source, load_tokenizer
+        from olm_cli.partial import apply_trainable, wrap_lora
+        from olm_cli.replay import build_replay_buffer
+        from olm_cli.selectors import build_selector
+
+        recipe = self.recipe
+        log_with = ["tensorboard"] if recipe.run.tensorboard else None
+        self.accelerator = Accelerator(
+            mixed_precision=recipe.run.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            log_with=log_with,
+            project_dir=str(self.run_dir),
+        )
+        if log_with:
+            self.accelerator.init_trackers("tensorboard")
+        seed = recipe.run.seed
+
+        # Model before optimiser; tokenizer before data.
+        if self.latest is not None:
+            model = load_pretrained(str(self.latest), dtype=recipe.model.dtype)
+            tokenizer = load_tokenizer(str(self.latest))
+        else:
+            model, tokenizer = load_source(recipe.model, shards=self.shard_plan, text_field=recipe.data.text_field, seed=seed)
+        self.tokenizer = tokenizer
+        self.pad_id = int(tokenizer.pad_token_id)
+
+        self.increment = int(self.state["increment"]) if self.resuming else self.ledger.start_increment()
+        self.trainable = apply_trainable(model, recipe.train, self.increment)
+        if recipe.train.lora is not None:
+            model = wrap_lora(model, recipe.train.lora)
+        self.selector = build_selector(recipe.selector, seed=seed)
+        self.policy = build_batch_policy(recipe.batch)
+        self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
+        self.distiller = build_distiller(recipe.distill, load_teacher=self._load_teacher)
+        self.regularizer = build_regularizer(recipe.regularize)
+
+        optimizer = build_optimizer(model, recipe)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.stream = self._make_stream()
+
+        self.step = 0  # optimizer steps in this increment
+        self.tokens = 0  # tokens trained in this increment (new + replay)
+        self.global_step = int(self.state.get("global_step", 0))
+        self.total_tokens = int(self.state.get("total_tokens", 0))
+        self.unselected = int(self.state.get("unselected", 0))
+        self.bad_steps = 0
+        self.domain_tokens: Counter[str] = Counter()
+
+        if self.latest is not None:
+            self._load_parts(self.latest)
+        if self.resuming:
+            self.step = int(self.state["step"])
+            self.tokens = int(self.state["tokens"])
+            self.domain_tokens = Counter(self.state.get("domain_tokens", {}))
+            self.horizon = int(self.state["horizon"])
+            self.stream.load_state_dict(self.state["stream"])
+            _restore_rng(load_tree(self.latest / "rng"))
+            self._truncate_metrics(self.global_step)
+        else:
+            if self.carried_state is not None:
+                self.stream.load_state_dict(_rebase_stream_state(self.carried_state, self.shard_plan))
+            if self.latest is None or recipe.optim.reset_optimizer:
+                self.optimizer.state.clear()
+            self.horizon = self._horizon()
+            torch.manual_seed(seed + self.increment)
+            random.seed(seed + self.increment)
+            np.random.seed((seed + self.increment) % 2**32)
+            for path in self.shard_plan:
+                self.ledger.mark_in_progress(str(path), self.increment)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if self.distiller is not None:
+                self.distiller.begin_increment(unwrapped)
+            if self.regularizer is not None:
+                self.regularizer.begin_increment(unwrapped)
+            if self.replay is not None and recipe.replay.seed_from and self.latest is None:
+                self._seed_replay()
+        self._set_lr()
+
+    def _make_stream(self) -> BlockStream:
+        data = self.recipe.data
+        return BlockStream(
+            self.shard_plan,
+            self.tokenizer,
+            block_size=data.block_size,
+            fmt=data.format,
+            text_field=data.text_field,
+            domain_from=data.domain_from,
+            domain_pattern=data.domain_pattern,
+            domain_field=data.domain_field,
+            min_block_tokens=data.min_block_tokens,
+        )
+
+    def _horizon(self) -> int:
+        """Schedule length of this increment: the recipe's budget, or one pass over the plan."""
+        run, batch = self.recipe.run, self.recipe.batch
+        if run.max_steps is not None:
+            return run.max_steps
+        if run.max_tokens is not None:
+            return max(1, math.ceil(run.max_tokens / (batch.size * self.recipe.data.block_size)))
+        # Count the blocks the plan will yield (tokenizing is cheap next to training) so the
+        # cosine decay ends with the data.
+        counter = self._make_stream()
+        counter.load_state_dict(self.stream.state_dict())
+        blocks = 0
+        while chunk := counter.take(1024):
+            blocks += len(chunk)
+        replay_share = round(self.recipe.replay.ratio * batch.size) if self.replay is not None else 0
+        per_step = max(1, batch.size - replay_share) * self.selector.pool_factor
+        return max(1, math.ceil(blocks / per_step))
+
+    def _load_teacher(self, source: str) -> torch.nn.Module:
+        from olm_cli.modeling import load_pretrained
+
+        teacher = load_pretrained(source, dtype=self.recipe.model.dtype, trust_remote_code=self.recipe.distill.trust_remote_code)
+        return teacher.to(self.accelerator.device)
+
+    def _seed_replay(self) -> None:
+        from olm_cli.data import read_blocks
+        from olm_cli.replay import seed_buffer
+
+        assert self.replay is not None
+        blocks: list[Block] = []
+        cap = self.recipe.replay.seed_samples
+        for path in discover_shards(self.recipe.replay.seed_from):
+            domain = _safe_domain(path, self.recipe.data.domain_pattern)
+            blocks.extend(read_blocks(path, self.tokenizer, block_size=self.recipe.data.block_size, domain=domain))
+            if len(blocks) >= cap:
+                break
+        seed_buffer(self.replay, blocks[:cap])
+        self._say(f"replay buffer warm-started with {min(len(blocks), cap)} blocks from replay.seed_from")
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainOutcome:
+        recipe = self.recipe
+        accelerator = self.accelerator
+        model = self.model
+        with GracefulStop() as stop, self._progress() as progress:
+            task = progress.add_task(f"increment {self.increment}", total=self.horizon, completed=self.step) if progress else None
+            while not self._increment_done():
+                if stop.requested:
+                    path = self._checkpoint(complete=False)
+                    return TrainOutcome("interrupted", stop.exit_code, self.increment, self.step, self.tokens, str(path),
+                                        f"stopped by signal {stop.signal}; checkpoint written, the next run continues")
+                if recipe.run.time_budget is not None and time.monotonic() - self.started >= recipe.run.time_budget:
+                    path = self._checkpoint(complete=False)
+                    return TrainOutcome("time_budget", EXIT_OK, self.increment, self.step, self.tokens, str(path),
+                                        "time budget reached; checkpoint written, the next run continues")
+                t0 = time.perf_counter()
+
+                # select: a candidate pool of new blocks, scored by the selector.
+                plan = self.policy.plan()
+                n_replay = self._replay_share(plan.samples)
+                n_new = plan.samples - n_replay
+                pool = self.stream.take(n_new * self.selector.pool_factor)
+                if not pool:
+                    break
+                selection = self.selector.select(accelerator.unwrap_model(model), pool, min(n_new, len(pool)), self.pad_id)
+                self.unselected += selection.unselected
+                new_blocks = [pool[i] for i in selection.indices]
+                new_weights = selection.weights if selection.weights is not None else np.ones(len(new_blocks))
+
+                # batch + mix replay.
+                replayed = self.replay.sample(n_replay) if n_replay else []
+                samples = [b.tokens for b in new_blocks] + [r.tokens for r in replayed]
+                weights = np.concatenate([np.asarray(new_weights, dtype=np.float64), [r.weight for r in replayed]])
+                stored = self._stored_logits(new_blocks, replayed)
+
+                # forward → losses → backward (micro-batches; OOM backs off without losing the batch).
+                result = self._forward_backward(samples, weights, stored, plan.micro_batch, n_new=len(new_blocks))
+                if result is None:
+                    continue
+                loss, per_sample, new_logits = result
+
+                # step.
+                grad_norm = self._clip()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.global_step += 1
+                self._set_lr()
+
+                # replay bookkeeping: this step's losses become priorities, no second forward.
+                step_tokens = int(sum(len(s) for s in samples))
+                self.tokens += step_tokens
+                self.total_tokens += step_tokens
+                if self.replay is not None:
+                    scores = selection.scores[selection.indices] if selection.scores is not None else per_sample[: len(new_blocks)]
+                    self.replay.add(new_blocks, self.global_step, scores=[float(s) for s in scores], logits=new_logits)
+                    if replayed:
+                        self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[len(new_blocks) :]])
+                for block in new_blocks:
+                    self.domain_tokens[block.domain] += len(block)
+                    self.ledger.add_tokens(block.shard, len(block))
+                for shard in self.stream.take_finished_shards():
+                    self.ledger.mark_done(shard, 0, self.increment)
+
+                from olm_cli.batching import StepStats
+
+                seconds = time.perf_counter() - t0
+                self.policy.observe(StepStats(loss=loss, grad_norm=grad_norm, samples=len(samples), tokens=step_tokens,
+                                              seconds=seconds, pool_mean_entropy=selection.stats.get("pool_mean_entropy")))
+
+                # log.
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.step % recipe.run.log_every == 0:
+                    domains = Counter(b.domain for b in new_blocks)
+                    self._log({
+                        "step": self.global_step, "increment": self.increment, "increment_step": self.step,
+                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.total_tokens,
+                        "tokens_per_s": step_tokens / max(seconds, 1e-9), "domain": domains.most_common(1)[0][0] if domains else None,
+                        "batch_size": len(samples), "micro_batch": plan.micro_batch, "replayed": len(replayed),
+                        "unselected": self.unselected, "time": time.time(),
+                    })
+                if progress is not None:
+                    progress.update(task, completed=self.step,
+                                    description=f"increment {self.increment} loss {loss:.3f} lr {lr:.2e} {step_tokens / max(seconds, 1e-9):,.0f} tok/s")
+
+                # checkpoint.
+                if self.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
+                    self._checkpoint(complete=False)
+
+        return self._finish_increment()
+
+    def _increment_done(self) -> bool:
+        if self.step >= self.horizon:
+            return True
+        if self.recipe.run.max_tokens is not None and self.tokens >= self.recipe.run.max_tokens:
+            return True
+        return self.stream.exhausted
+
+    def _replay_share(self, samples: int) -> int:
+        if self.replay is None or len(self.replay) == 0 or self.recipe.replay.ratio <= 0:
+            return 0
+        return min(samples - 1, max(0, round(self.recipe.replay.ratio * samples)), len(self.replay))
+
+    def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.distiller is None or self.recipe.distill.method != "stored_logits" or not replayed:
+            return None
+        width = max([len(b) for b in new_blocks] + [len(r.tokens) for r in replayed])
+        k = self.recipe.distill.topk
+        rows = len(new_blocks) + len(replayed)
+        values = torch.zeros(rows, width, k)
+        indices = torch.zeros(rows, width, k, dtype=torch.long)
+        mask = torch.zeros(rows, dtype=torch.bool)
+        for i, item in enumerate(replayed, start=len(new_blocks)):
+            if item.logits_values is not None and item.logits_indices is not None:
+                n = item.logits_values.shape[0]
+                values[i, :n] = torch.from_numpy(item.logits_values.astype(np.float32))
+                indices[i, :n] = torch.from_numpy(item.logits_indices.astype(np.int64))
+                mask[i] = True
+        return values, indices, mask
+
+    def _forward_backward(self, samples: list[np.ndarray], weights: np.ndarray, stored: Any, micro_batch: int,
+                          n_new: int) -> tuple[float, np.ndarray, list[tuple[np.ndarray, np.ndarray]] | None] | None:
+        """Accumulate gradients over micro-batches; None when the batch was skipped (NaN/Inf)."""
+        accelerator = self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        # Every rank holds the same batch (same stream, selector and replay state); each computes
+        # the gradient of its slice and DDP averages them.
+        mine = list(range(rank, len(samples), world)) or [0]
+        norm = float(sum(weights[i] for i in mine))
+        keep_topk = self.replay is not None and self.recipe.replay.store_logits_topk > 0
+        while True:
+            try:
+                total, per_sample = 0.0, np.zeros(len(samples))
+                new_logits: list[tuple[np.ndarray, np.ndarray]] = []
+                chunks = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+                for c, chunk in enumerate(chunks):
+                    batch = {k: v.to(accelerator.device) for k, v in collate([samples[i] for i in chunk], self.pad_id).items()}
+                    sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else _nullcontext()
+                    with sync, accelerator.autocast():
+                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        row_loss, _ = per_sample_loss(logits, batch["labels"])
+                        w = torch.as_tensor(weights[chunk], dtype=row_loss.dtype, device=row_loss.device)
+                        ce = (row_loss * w).sum() / norm
+                        loss = ce
+                        if self.distiller is not None:
+                            chunk_stored = None if stored is None else tuple(t[chunk].to(accelerator.device) for t in stored)
+                            kd = self.distiller.loss(logits, batch, chunk_stored)
+                            if kd is not None:
+                                alpha = self.recipe.distill.alpha
+                                loss = alpha * ce + (1 - alpha) * kd * (len(chunk) / len(mine))
+                        if self.regularizer is not None:
+                            loss = loss + self.regularizer.penalty(accelerator.unwrap_model(self.model)) * (len(chunk) / len(mine))
+                    if not torch.isfinite(loss):
+                        return self._bad_step(float(loss))
+                    accelerator.backward(loss)
+                    total += float(loss.detach())
+                    per_sample[chunk] = row_loss.detach().float().cpu().numpy()
+                    if keep_topk:
+                        from olm_cli.distill import topk_logits
+
+                        for row, index in enumerate(chunk):
+                            if index < n_new:
+                                n = len(samples[index])
+                                new_logits.append(topk_logits(logits[row, :n].detach().float(), self.recipe.replay.store_logits_topk))
+                self.bad_steps = 0
+                return total, per_sample, (new_logits if keep_topk else None)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if not self.policy.on_oom():
+                    raise OlmError("out of memory even with micro-batch 1; use a smaller model, block_size or dtype") from None
+                micro_batch = self.policy.plan().micro_batch
+                self._say(f"[yellow]out of memory:[/] retrying the same batch with micro-batch {micro_batch}")
+
+    def _bad_step(self, value: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self._say(f"[yellow]warning:[/] non-finite loss ({value}) at step {self.global_step + 1}; batch skipped ({self.bad_steps}/{self.recipe.run.max_bad_steps})")
+        if self.bad_steps >= self.recipe.run.max_bad_steps:
+            where = f"rolled back to {self.latest.name}" if self.latest is not None else "no checkpoint was written"
+            raise TrainingDivergedError(
+                f"loss was NaN/Inf for {self.bad_steps} consecutive steps; {where}. Lower optim.lr or check the data"
+            )
+        return None
+
+    def _clip(self) -> float:
+        clip = self.recipe.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        return float(norm)
+
+    def _set_lr(self) -> None:
+        o = self.recipe.optim
+        mult = lr_multiplier(self.step, warmup=o.warmup_steps, horizon=self.horizon, schedule=o.schedule, min_ratio=o.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * mult
+
+    # ------------------------------------------------------------------ checkpoint / finish
+
+    def _finish_increment(self) -> TrainOutcome:
+        if self.stream.exhausted:
+            for shard in self.stream.take_finished_shards():
+                self.ledger.mark_done(shard, 0, self.increment)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.regularizer is not None:
+            self.regularizer.end_increment(unwrapped, self._fisher_batches())
+        path = self._checkpoint(complete=True)
+        self._say(f"increment {self.increment} complete: {self.step} steps, {self.tokens:,} tokens → {path}")
+        if self.recipe.eval.after_increment and self.recipe.eval.sets and self.accelerator.is_main_process:
+            from olm_cli.evaluate import record_increment_eval
+
+            record_increment_eval(self.run_dir, self.recipe, unwrapped, self.tokenizer, increment=self.increment,
+                                  trained=dict(self.domain_tokens), step=self.global_step, console=self.console)
+        self.accelerator.end_training()
+        return TrainOutcome("increment_complete", EXIT_OK, self.increment, self.step, self.tokens, str(path))
+
+    def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Batches for the EWC Fisher: replay samples if there are any, else recent eval data."""
+        n = self.recipe.regularize.fisher_batches
+        size = self.recipe.batch.micro_batch
+        tokens: list[np.ndarray] = []
+        if self.replay is not None and len(self.replay):
+            state = np.random.get_state()
+            tokens = [item.tokens for item in self.replay.sample(min(len(self.replay), n * size))]
+            np.random.set_state(state)
+        if not tokens:
+            from olm_cli.data import read_blocks
+
+            for path in self.shard_plan:
+                tokens.extend(b.tokens for b in read_blocks(path, self.tokenizer, block_size=self.recipe.data.block_size,
+                                                            max_tokens=n * size * self.recipe.data.block_size))
+                if len(tokens) >= n * size:
+                    break
+        device = self.accelerator.device
+        return [{k: v.to(device) for k, v in collate(tokens[i : i + size], self.pad_id).items()}
+                for i in range(0, min(len(tokens), n * size), size)]
+
+    def _checkpoint(self, *, complete: bool) -> Path:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        path = self.checkpoints.root / f"step-{self.global_step:08d}"
+        if accelerator.is_main_process:
+            self.state_to_save = self._trainer_state(complete=complete)
+            path = self.checkpoints.save(self.global_step, self._write_checkpoint,
+                                         metadata={"increment": self.increment, "complete": complete})
+            self.latest = path
+            self.ledger.save()
+        accelerator.wait_for_everyone()
+        return path
+
+    def _trainer_state(self, *, complete: bool) -> dict[str, Any]:
+        return {
+            "increment": self.increment,
+            "increment_complete": complete,
+            "step": self.step,
+            "horizon": self.horizon,
+            "global_step": self.global_step,
+            "tokens": self.tokens,
+            "total_tokens": self.total_tokens,
+            "unselected": self.unselected,
+            "domain_tokens": dict(self.domain_tokens),
+            "stream": self.stream.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "shard_plan": [str(p) for p in self.shard_plan],
+            "host": socket.gethostname(),
+            "saved_at": time.time(),
+        }
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        from olm_cli.partial import model_for_save
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        save_tree(directory / "rng", _rng_to_tree(capture_rng()))
+        save_tree(directory / "parts", {
+            "selector": self.selector.state_dict(),
+            "batch": self.policy.state_dict(),
+            "distiller": self.distiller.state_dict() if self.distiller is not None else {},
+        })
+        if self.replay is not None:
+            self.replay.save(directory / "replay")
+        if self.regularizer is not None:
+            self.regularizer.save(directory / "regularizer")
+        (directory / TRAINER_STATE).write_text(json.dumps(self.state_to_save, indent=1))
+
+    def _load_parts(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as exc:
+            # Trainable parameters changed (e.g. a new `train.trainable`): start fresh moments.
+            logger.warning("optimizer state not restored (%s); starting with fresh AdamW moments", exc)
+        parts = load_tree(checkpoint / "parts")
+        self.selector.load_state_dict(parts.get("selector", {}))
+        self.policy.load_state_dict(parts.get("batch", {}))
+        if self.distiller is not None and parts.get("distiller"):
+            self.distiller.load_state_dict(parts["distiller"])
+        if self.replay is not None and (checkpoint / "replay").exists():
+            self.replay.load(checkpoint / "replay")
+        if self.regularizer is not None and (checkpoint / "regularizer").exists():
+            self.regularizer.load(checkpoint / "regularizer")
+
+    # ------------------------------------------------------------------ output
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.recipe.run.tensorboard:
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=row["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from (they will be re-done)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists() or not self.accelerator.is_main_process:
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the crash
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _progress(self) -> Any:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        show = (self.recipe.run.progress and self.console is not None and self.console.is_terminal
+                and self.accelerator.is_main_process)
+        if not show:
+            return _nullcontext(None)
+        return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+
+    def _say(self, message: str) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if self.console is not None and (accelerator is None or accelerator.is_main_process):
+            self.console.print(message)
+
+
+class _nullcontext:
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _safe_domain(path: Path, pattern: str) -> str:
+    from olm_cli.data import domain_of
+
+    try:
+        return domain_of(path, pattern)
+    except DataError:
+        return path.stem
+
+
+def _rebase_stream_state(state: dict[str, Any], plan: list[Path]) -> dict[str, Any]:
+    """Continue a previous increment's data position with a longer shard plan."""
+    rebased = dict(state)
+    rebased["shards"] = [str(p) for p in plan]
+    rebased["shard_index"] = 0
+    return rebased
+
+
+def train(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
+    """Entry point of ``olm train``: lock, plan, and run one increment."""
+    run_dir = Path(recipe.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(run_dir) if is_main else _nullcontext()
+    with lock:
+        trainer = Trainer(recipe, console=console)
+        if not trainer.plan():
+            return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        trainer.setup()
+        return trainer.train()

@@ -1,0 +1,121 @@
+"""``olm eval``: per-domain held-out loss and perplexity, and the continual-learning matrix.
+
+Loss is token-weighted (total next-token NLL over all evaluated tokens of a domain divided by
+their count), so domains and shards of different lengths compare fairly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olm_cli.data import read_blocks
+from olm_cli.errors import OlmError
+from olm_cli.samples import collate
+
+MATRIX_FILE = Path("eval") / "matrix.json"
+HISTORY_FILE = Path("eval") / "history.jsonl"
+
+
+@torch.inference_mode()
+def evaluate_domains(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sets: dict[str, str],
+    *,
+    block_size: int,
+    max_tokens: int,
+    batch_size: int,
+    text_field: str = "text",
+) -> dict[str, dict[str, float]]:
+    """Token-weighted loss, perplexity and token count for every domain in ``sets``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for name, path in sets.items():
+            blocks = read_blocks(Path(path), tokenizer, block_size=block_size, max_tokens=max_tokens,
+                                 text_field=text_field, domain=name)
+            nll, count = 0.0, 0
+            for i in range(0, len(blocks), batch_size):
+                batch = {k: v.to(device) for k, v in collate([b.tokens for b in blocks[i : i + batch_size]], pad_id).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                    ignore_index=-100, reduction="sum",
+                )
+                nll += float(loss)
+                count += int((labels != -100).sum())
+            if count == 0:
+                raise OlmError(f"{path}: eval set {name!r} has no tokens")
+            mean = nll / count
+            results[name] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _append_history(run_dir: Path, row: dict[str, Any]) -> None:
+    path = run_dir / HISTORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def record_increment_eval(
+    run_dir: Path,
+    recipe: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    increment: int,
+    trained: dict[str, int],
+    step: int,
+    console: Any = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate every domain and add row ``increment`` to the continual-learning matrix."""
+    from olm_cli.evaluation.matrix import ContinualMatrix
+
+    results = evaluate_domains(model, tokenizer, recipe.eval.sets, block_size=recipe.data.block_size,
+                               max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size,
+                               text_field=recipe.data.text_field)
+    trained_domain = max(trained, key=lambda d: trained[d]) if trained else None
+    _append_history(run_dir, {"increment": increment, "step": step, "trained": trained_domain,
+                              "time": time.time(), "domains": results})
+    matrix_path = run_dir / MATRIX_FILE
+    matrix = ContinualMatrix.from_json(matrix_path) if matrix_path.exists() else ContinualMatrix()
+    label = "start" if increment == 0 else f"inc {increment}"
+    # A re-run of the same increment's evaluation (e.g. after a crash) replaces its row.
+    if label in matrix.row_labels:
+        index = matrix.row_labels.index(label)
+        for attr in ("rows", "row_labels", "trained_domain_per_row"):
+            del getattr(matrix, attr)[index:]
+    matrix.add_row(label, trained_domain, {name: r["loss"] for name, r in results.items()})
+    matrix.save(matrix_path)
+    if console is not None:
+        render_results(results, console, title=f"eval after {label}")
+    return results
+
+
+def render_results(results: dict[str, dict[str, float]], console: Any, title: str = "eval") -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("domain")
+    table.add_column("loss", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("tokens", justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{int(r['tokens']):,}")
+    console.print(table)

@@ -1,0 +1,308 @@
+"""The recipe: one typed schema grouped like the YAML file.
+
+Every section is a pydantic model with ``extra="forbid"``. :func:`load_recipe` reads YAML with
+``yaml.safe_load``, applies dotted command-line overrides (``optim.lr=3e-4``), validates, and
+reports *all* problems at once, each with its YAML path and a did-you-mean hint for typos.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from olm_cli.batching.config import BatchConfig
+from olm_cli.config_base import Section
+from olm_cli.distill.config import DistillConfig, RegularizeConfig, TrainConfig
+from olm_cli.errors import RecipeError
+from olm_cli.replay.config import ReplayConfig
+from olm_cli.selectors.config import SelectorConfig
+
+ARCH_SIZES: dict[str, dict[str, int]] = {
+    # ~1.9M parameters with a 4k vocabulary: trains at tens of thousands of tokens/s on a CPU.
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 352},
+    # ~9M parameters with an 8k vocabulary: the "real" CPU size for benchmarks.
+    "small": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 704},
+}
+
+
+class ArchConfig(Section):
+    """Architecture of a model trained from scratch (Llama-style)."""
+
+    size: Literal["tiny", "small"] = Field("tiny", description="Preset size; explicit fields below override it.")
+    vocab_size: int = Field(4096, gt=255, description="Vocabulary of the byte-level BPE tokenizer trained on the first shards.")
+    hidden_size: int | None = Field(None, gt=0, description="Override the preset's hidden size.")
+    num_hidden_layers: int | None = Field(None, gt=0, description="Override the preset's depth.")
+    num_attention_heads: int | None = Field(None, gt=0, description="Override the preset's head count.")
+    intermediate_size: int | None = Field(None, gt=0, description="Override the preset's MLP width.")
+    max_position_embeddings: int = Field(2048, gt=0, description="Longest sequence the model accepts.")
+    tokenizer_train_chars: int = Field(2_000_000, gt=0, description="Characters of the first shards used to train the tokenizer.")
+
+    def resolved(self) -> dict[str, int]:
+        sizes = dict(ARCH_SIZES[self.size])
+        for key in sizes:
+            value = getattr(self, key)
+            if value is not None:
+                sizes[key] = value
+        return sizes
+
+
+class ModelConfig(Section):
+    """Where the starting model comes from."""
+
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="`pretrained`: load `name_or_path`; `scratch`: build `arch` and train a tokenizer."
+    )
+    name_or_path: str | None = Field(None, description="Hub id or local directory of an HF causal LM (or the folder of a GGUF file).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name_or_path`; the weights are de-quantised and saved back as safetensors.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer source if it differs from the model's.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub. Off unless you trust the repository.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are held in (mixed precision is `run.mixed_precision`).")
+    arch: ArchConfig = Field(default_factory=ArchConfig, description="Architecture for `init: scratch`.")
+
+    @model_validator(mode="after")
+    def _source_is_named(self) -> ModelConfig:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("`model.name_or_path` is required when model.init is 'pretrained'")
+        if self.gguf_file and not self.name_or_path:
+            raise ValueError("`model.gguf_file` needs `model.name_or_path` (the folder holding it)")
+        return self
+
+
+class DataConfig(Section):
+    """The growing set of training shards and how they become token blocks."""
+
+    shards: list[str] = Field(default_factory=list, description="Shard files, directories or globs (jsonl, json, parquet, txt; optionally .gz). Re-globbed on every run.")
+    dataset: str | None = Field(None, description="Instead of shards: a hub dataset id or a local dataset directory, streamed.")
+    dataset_split: str = Field("train", description="Split of `dataset`.")
+    format: Literal["auto", "jsonl", "parquet", "txt"] = Field("auto", description="Shard format; `auto` uses the file extension.")
+    text_field: str = Field("text", description="Field holding the document text (jsonl/parquet).")
+    domain_from: Literal["path", "field"] = Field("path", description="Domain label from the shard path (`domain_pattern`) or from a field of each record.")
+    domain_pattern: str = Field(
+        r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$",
+        description="Regex applied to the shard path; the `domain` group names the domain. Default: the parent folder, without a leading `NN-`.",
+    )
+    domain_field: str = Field("domain", description="Record field holding the domain when domain_from is `field`.")
+    block_size: int = Field(256, gt=1, description="Tokens per packed training block (documents joined with EOS).")
+    min_block_tokens: int = Field(8, gt=1, description="Shard tails shorter than this are dropped rather than trained as a short block.")
+
+    @field_validator("domain_pattern")
+    @classmethod
+    def _pattern_has_domain_group(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if "domain" not in compiled.groupindex:
+            raise ValueError("the pattern needs a named group `(?P<domain>...)`")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if not self.shards and not self.dataset:
+            raise ValueError("give `data.shards` (files/globs) or `data.dataset`")
+        if self.shards and self.dataset:
+            raise ValueError("give either `data.shards` or `data.dataset`, not both")
+        return self
+
+
+class OptimConfig(Section):
+    """AdamW with warm-up and cosine re-decay, restarted at every increment."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of each increment.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(20, ge=0, description="Linear re-warm-up at the start of every increment.")
+    schedule: Literal["cosine", "constant", "linear"] = Field("cosine", description="Decay after warm-up.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
+    reset_optimizer: bool = Field(False, description="Start every increment with fresh AdamW moments.")
+
+
+class RunConfig(Section):
+    """The run directory and the shape of one increment."""
+
+    dir: str = Field("runs/olm", description="Run directory: checkpoints, ledger, replay, metrics.")
+    seed: int = Field(0, description="Seed for weights, data order, selectors and replay.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps per increment (also the schedule horizon). Unset with max_tokens unset: one pass over the planned shards, counted before training.")
+    max_tokens: int | None = Field(None, gt=0, description="Training tokens per increment; converted to steps with the batch size.")
+    max_shards_per_increment: int | None = Field(None, gt=0, description="Cap on shards one invocation consumes.")
+    time_budget: float | None = Field(None, gt=0, description="Seconds; stop at a step boundary after this, checkpoint, and continue next time.")
+    retrain_changed: bool = Field(False, description="Re-train shards whose content changed after they were trained.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (Accelerate).")
+    checkpoint_every: int = Field(200, gt=0, description="Steps between checkpoints (one is always written at the end of an increment).")
+    keep_checkpoints: int = Field(3, gt=0, description="Complete checkpoints kept on disk.")
+    log_every: int = Field(1, gt=0, description="Steps between metrics lines.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's tracker.")
+    max_bad_steps: int = Field(5, gt=0, description="Consecutive NaN/Inf steps before rolling back to the last checkpoint and stopping.")
+    progress: bool = Field(True, description="Show a live progress bar on a terminal.")
+
+
+
+class EvalConfig(Section):
+    """Held-out sets, one per domain."""
+
+    sets: dict[str, str] = Field(default_factory=dict, description="Domain name -> held-out file (same formats as shards).")
+    max_tokens: int = Field(50_000, gt=0, description="Tokens evaluated per domain at most.")
+    batch_size: int = Field(8, gt=0, description="Blocks per evaluation forward.")
+    after_increment: bool = Field(True, description="Evaluate every domain after each increment and add a row to the continual-learning matrix.")
+
+
+class Recipe(BaseModel):
+    """A whole olm recipe."""
+
+    model_config = Section.model_config
+
+    model: ModelConfig
+    data: DataConfig
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _stream_has_horizon(self) -> Recipe:
+        if self.data.dataset and self.run.max_steps is None and self.run.max_tokens is None:
+            raise ValueError("a streamed dataset has no length: set `run.max_steps` or `run.max_tokens` (per increment)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` -> (["optim", "lr"], 0.0003). The value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
+    path = [part for part in key.strip().split(".")]
+    if any(not part for part in path):
+        raise RecipeError(f"override key {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+    # YAML 1.1 reads "3e-4" as a string; a recipe value that looks numeric is meant as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", value, re.I) else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: `{part}` is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names of the fields of the section that ``loc`` points into (for did-you-mean)."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the recipe:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(Recipe, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+            lines.append(f"  {path}: unknown key{hint}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every failure is a :class:`RecipeError` (exit 2)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{where}: malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    recipe = recipe_from_dict(data, str(path))
+    return _resolve_paths(recipe, path.parent)
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative paths in a recipe are relative to the recipe file, like every config-driven tool."""
+
+    def resolve(value: str) -> str:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p))
+
+    recipe.data.shards = [resolve(s) for s in recipe.data.shards]
+    if recipe.data.dataset and Path(base / recipe.data.dataset).exists():
+        recipe.data.dataset = resolve(recipe.data.dataset)
+    recipe.eval.sets = {name: resolve(p) for name, p in recipe.eval.sets.items()}
+    recipe.replay.seed_from = [resolve(s) for s in recipe.replay.seed_from]
+    recipe.run.dir = resolve(recipe.run.dir)
+    model = recipe.model
+    if model.name_or_path and (base / model.name_or_path).exists():
+        model.name_or_path = resolve(model.name_or_path)
+    if model.tokenizer and (base / model.tokenizer).exists():
+        model.tokenizer = resolve(model.tokenizer)
+    if recipe.distill.teacher and (base / recipe.distill.teacher).exists():
+        recipe.distill.teacher = resolve(recipe.distill.teacher)
+    return recipe
