@@ -11,6 +11,7 @@ import transformers
 
 from olm_cli.distill import (
     DistillConfig,
+    Distiller,
     LwfDistiller,
     StoredLogitsDistiller,
     TeacherDistiller,
@@ -180,13 +181,13 @@ def test_stored_logits_zero_on_match_positive_otherwise_and_row_mask() -> None:
     d = build_distiller(
         DistillConfig(method="stored_logits", topk=8), load_teacher=lambda s: student
     )
-    assert isinstance(d, StoredLogitsDistiller)
+    assert isinstance(d, StoredLogitsDistiller) and isinstance(d, Distiller)
     d.begin_increment(student)
     b = batch()
     with torch.no_grad():
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    lengths = b["attention_mask"].sum(dim=1).tolist()
-    entries = [topk_logits(logits[r, : lengths[r]], 8) for r in range(2)]
+    entries = d.capture(logits, b["attention_mask"])
+    assert [e[0].shape for e in entries] == [(7, 8), (5, 8)]
     width = b["input_ids"].shape[1]
 
     stored = collate_stored(entries, width)

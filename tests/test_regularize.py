@@ -13,6 +13,7 @@ from olm_cli.distill import (
     EwcRegularizer,
     L2Regularizer,
     RegularizeConfig,
+    Regularizer,
     build_regularizer,
     estimate_fisher,
 )
@@ -54,6 +55,7 @@ def random_direction(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_builders() -> None:
     assert build_regularizer(RegularizeConfig()) is None
     assert isinstance(build_regularizer(RegularizeConfig(method="ewc")), EwcRegularizer)
+    assert isinstance(build_regularizer(RegularizeConfig(method="ewc")), Regularizer)
     assert isinstance(build_regularizer(RegularizeConfig(method="l2")), L2Regularizer)
     with pytest.raises(ValueError):
         RegularizeConfig(fisher_decay=1.5)

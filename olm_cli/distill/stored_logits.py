@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from olm_cli.distill.base import StoredLogits
-from olm_cli.distill.kd import next_token_mask, topk_kl
+from olm_cli.distill.kd import next_token_mask, topk_kl, topk_logits
 
 
 class StoredLogitsDistiller:
@@ -25,6 +26,17 @@ class StoredLogitsDistiller:
 
     def begin_increment(self, model: torch.nn.Module) -> None:
         pass
+
+    def capture(
+        self, logits: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k entries to store with each row of a batch about to enter the replay buffer.
+
+        ``logits`` [B, L, V] from the model that is current at insertion time; each row is cut
+        to its real length (``attention_mask``) so the buffer never stores padding.
+        """
+        lengths = attention_mask.sum(dim=1).tolist()
+        return [topk_logits(logits[row, : int(n)], self.topk) for row, n in enumerate(lengths)]
 
     def loss(
         self,
