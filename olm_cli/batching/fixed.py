@@ -1,0 +1,36 @@
+"""``fixed``: the same effective batch every step -- the reproducible default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from olm_cli.batching.config import BatchConfig
+from olm_cli.batching.contract import BatchPlan, StepStats
+from olm_cli.batching.micro import MicroBatchLimit, check_policy_name
+
+
+class FixedBatch:
+    """``size`` samples per step in micro-batches of at most ``micro_batch``."""
+
+    name = "fixed"
+
+    def __init__(self, cfg: BatchConfig, clock: Callable[[], float]) -> None:
+        self.size = cfg.size
+        self.limit = MicroBatchLimit(cfg.micro_batch)
+
+    def plan(self) -> BatchPlan:
+        return BatchPlan(self.size, self.limit.fit(self.size))
+
+    def observe(self, stats: StepStats) -> None:
+        """Nothing to learn: the size is fixed by the recipe."""
+
+    def on_oom(self) -> bool:
+        return self.limit.halve(self.plan().micro_batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.limit.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_policy_name(self.name, state)
+        self.limit.load_state_dict(state)
