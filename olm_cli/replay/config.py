@@ -1,0 +1,97 @@
+"""The ``replay`` section of a recipe.
+
+Every field carries a ``description`` because the recipe reference in ``docs/`` is generated
+from these models; a field without one would be an undocumented knob.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from olm_cli.config_base import Section
+
+ReplayPolicyName = Literal[
+    "none", "reservoir", "fifo", "lru", "priority", "domain_balanced", "importance"
+]
+
+
+class ReplayConfig(Section):
+    """How much old data is kept, which of it, and how much of each batch it supplies."""
+
+    policy: ReplayPolicyName = Field(
+        "none",
+        description=(
+            "Which samples the buffer keeps and draws. 'none' disables replay. "
+            "'reservoir': a uniform sample of everything seen. 'fifo': the most recent samples. "
+            "'lru': evicts the sample replayed least recently (never-replayed samples first, "
+            "oldest first). 'priority': keeps and draws samples with high score (e.g. loss), "
+            "decayed by priority_ageing. 'domain_balanced': an equal share of the capacity per "
+            "domain, drawn domain-uniformly. 'importance': a uniform reservoir drawn in "
+            "proportion to score, with importance weights that keep the replay loss unbiased."
+        ),
+    )
+    capacity: int = Field(
+        10_000,
+        gt=0,
+        description="Size limit of the buffer, counted in capacity_unit.",
+    )
+    capacity_unit: Literal["samples", "tokens"] = Field(
+        "samples",
+        description=(
+            "Unit of capacity: number of samples, or number of tokens summed over samples "
+            "(stored logits do not count)."
+        ),
+    )
+    ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Fraction of each training batch drawn from the buffer: the engine replays "
+            "round(ratio * batch_size) samples per step. Must be below 1 so that every step "
+            "still sees new data."
+        ),
+    )
+    seed_from: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Shard paths or glob patterns (relative to the recipe's directory) whose blocks "
+            "warm-start an empty buffer before the first step."
+        ),
+    )
+    seed_samples: int = Field(
+        1000,
+        ge=0,
+        description="At most this many blocks are taken from seed_from (the first ones read).",
+    )
+    priority_ageing: float = Field(
+        0.001,
+        ge=0.0,
+        description=(
+            "priority policy only: exponential decay rate per training step of a sample's "
+            "score, effective = score * exp(-priority_ageing * (step - scored_at_step)), "
+            "where scored_at_step is the step of insertion or of the last update_scores. "
+            "0 disables ageing; 0.001 halves a score in about 693 steps."
+        ),
+    )
+    importance_smoothing: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "importance policy only: draw probability is (1 - s) * score / sum(scores) + s / N. "
+            "The uniform share s bounds every importance weight by 1 / s, so one tiny score "
+            "cannot blow up the loss. 1 gives plain uniform draws."
+        ),
+    )
+    store_logits_topk: int = Field(
+        0,
+        ge=0,
+        description=(
+            "When > 0, the engine stores the model's top-k logits (float16 values, int32 "
+            "indices, per position) with each inserted sample, for DER-style distillation on "
+            "replayed samples. Costs 6 * k bytes per token on disk."
+        ),
+    )
