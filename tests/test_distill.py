@@ -113,6 +113,21 @@ def test_teacher_loaded_lazily_once() -> None:
     d.begin_increment(student)
     assert calls == ["hub/teacher"]
 
+    # A resumed increment may call loss() without begin_increment: load on first use.
+    resumed = build_distiller(
+        DistillConfig(method="teacher", teacher="hub/teacher"), load_teacher=load
+    )
+    b = batch()
+    logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert resumed.loss(logits, b).item() > 0
+    assert calls == ["hub/teacher", "hub/teacher"]
+    mismatched = build_distiller(
+        DistillConfig(method="teacher", teacher="big"),
+        load_teacher=lambda s: tiny_model(1, vocab=80),
+    )
+    with pytest.raises(RecipeError, match=r"80.*64"):
+        mismatched.loss(logits, b)
+
 
 def test_vocab_mismatch_names_both_sizes() -> None:
     d = build_distiller(

@@ -39,7 +39,10 @@ class LwfDistiller:
         stored: StoredLogits | None = None,
     ) -> torch.Tensor | None:
         if self.teacher is None:
-            raise RuntimeError("LwfDistiller.loss called before begin_increment")
+            raise RuntimeError(
+                "LwfDistiller.loss called before begin_increment: the engine must snapshot the "
+                "model (begin_increment) at the start of every increment, including a resumed one"
+            )
         return distil_from(self.teacher, student_logits, batch, self.temperature)
 
     def state_dict(self) -> dict:

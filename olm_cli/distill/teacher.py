@@ -42,7 +42,9 @@ class TeacherDistiller:
         stored: StoredLogits | None = None,
     ) -> torch.Tensor | None:
         if self.teacher is None:
-            raise RuntimeError("TeacherDistiller.loss called before begin_increment")
+            # A resumed increment may skip begin_increment; the vocabulary is then checked on
+            # the logits themselves (kd_kl raises the same RecipeError on a size mismatch).
+            self.teacher = freeze(self._load_teacher(self.source))
         return distil_from(self.teacher, student_logits, batch, self.temperature)
 
     def state_dict(self) -> dict:
