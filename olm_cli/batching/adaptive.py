@@ -31,14 +31,20 @@ def loss_trend_direction(
 ) -> int:
     """+1 to grow (plateau or noise hides progress), -1 to shrink (loss rising), 0 to keep.
 
-    The trend is a least-squares line through the window; its total change is compared with
-    the residual noise and with tolerances relative to the mean loss.
+    The trend is a least-squares line through the window. Its total change counts only when
+    it exceeds two standard errors (from the residual noise) and a tolerance relative to the
+    mean loss; a window whose improvement is not significant means the steps are too noisy
+    or too late in a plateau to be worth taking at this size.
     """
     y = np.asarray(losses, dtype=np.float64)
     t = np.arange(len(y), dtype=np.float64)
     slope, intercept = np.polyfit(t, y, 1)
     change = slope * (len(y) - 1)
-    noise = float(np.std(y - (slope * t + intercept)))
+    residual = y - (slope * t + intercept)
+    dof = max(len(y) - 2, 1)
+    sigma = math.sqrt(float(residual @ residual) / dof)
+    standard_error = (len(y) - 1) * sigma / math.sqrt(float(((t - t.mean()) ** 2).sum()))
+    noise = 2.0 * standard_error
     scale = max(abs(float(y.mean())), 1e-8)
     if change > rise_tolerance * scale and change > noise:
         return -1
