@@ -247,3 +247,15 @@ def test_checkpoints_beyond_latest_are_an_abandoned_future(manager: CheckpointMa
 
     assert not orphan.exists()
     assert [p.name for p in manager.list()] == ["step-00000100", "step-00000110"]
+
+
+def test_latest_link_loads_with_transformers(manager: CheckpointManager):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    manager.save(7, lambda d: model.save_pretrained(d, safe_serialization=True))
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(manager.root / "latest")
+
+    assert loaded.config.n_embd == 8
+    manager.verify(manager.root / "step-00000007", deep=True)

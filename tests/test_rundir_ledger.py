@@ -131,6 +131,7 @@ def test_done_shard_that_changes_is_reported_not_retrained(tmp_path: Path, data:
 
     retrain = ledger.scan(shards(data), retrain_changed=True)
     assert [e.path for e in retrain.pending] == [str(a.resolve())]
+    assert retrain.changed == [] and retrain.requeued == [entry]
     assert entry.status is ShardStatus.PENDING and entry.reason is None
     ledger.mark_done(a, tokens=3)
     assert entry.tokens == 13  # tokens count every pass over this path
@@ -237,16 +238,14 @@ def test_resume_restores_checkpoint_copy_exactly(tmp_path: Path, data: Path):
     ledger.mark_done(a, 100)
     ledger.mark_in_progress(b, inc)
     ledger.add_tokens(b, 40, position=2)
-    ckpt = tmp_path / "step-00000010"
-    ckpt.mkdir()
-    ledger.write_copy(ckpt)
-    expected = ledger.state_dict()
+    checkpoint_state = ledger.state_dict()  # captured with the weights at step 10
 
     ledger.mark_done(b, 60)  # after the checkpoint ...
     ledger.save()  # ... and persisted to RUN/ledger.json, then kill -9
+    run_ledger.write_text("{")  # even a torn view file does not block the resume
 
-    resumed = ShardLedger.resume(run_ledger, ckpt)
-    assert resumed.state_dict() == expected
+    resumed = ShardLedger.resume(run_ledger, checkpoint_state)
+    assert resumed.state_dict() == checkpoint_state
     assert resumed.path == run_ledger
     resumed.scan(shards(data))
     plan = resumed.plan()
@@ -268,10 +267,17 @@ def test_resume_without_checkpoint_rewinds_everything(tmp_path: Path, data: Path
     assert (entry.status, entry.tokens, entry.finished_at) == (ShardStatus.PENDING, 0, None)
 
 
-def test_resume_from_checkpoint_without_ledger_copy_fails(tmp_path: Path):
-    (tmp_path / "step-00000001").mkdir()
+def test_write_copy_and_read_copy(tmp_path: Path, data: Path):
+    shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ckpt = tmp_path / "step-00000001"
+    ckpt.mkdir()
+    ledger.write_copy(ckpt)
+    assert ShardLedger.read_copy(ckpt) == ledger.state_dict()
+    (ckpt / "ledger.json").unlink()
     with pytest.raises(CheckpointError, match="ledger.json"):
-        ShardLedger.resume(tmp_path / "ledger.json", tmp_path / "step-00000001")
+        ShardLedger.read_copy(ckpt)
 
 
 def test_load_state_dict_replaces_and_rejects_bad_format(tmp_path: Path, data: Path):

@@ -115,7 +115,12 @@ class ScanResult:
 
     ``pending`` is the trainable work in the order it should be trained: shards already
     ``in_progress`` (resumed from a checkpoint) first, then ``pending``, each sorted by path
-    so two runs over the same directory make the same choices.
+    so two runs over the same directory make the same choices. ``changed``: trained shards
+    whose bytes changed, left untrained (reported every scan). ``duplicates``: new files
+    skipped because their bytes are already trained or queued. ``unreadable``: quarantined
+    by this scan. ``requeued``: back to pending because their bytes changed (quarantined,
+    skipped) or ``retrain_changed`` was set. ``missing``: pending/in-progress shards whose
+    file is gone.
     """
 
     pending: list[ShardEntry] = field(default_factory=list)
@@ -169,24 +174,19 @@ class ShardLedger:
         return ledger
 
     @classmethod
-    def resume(cls, path: Path, checkpoint_dir: Path | None) -> ShardLedger:
+    def resume(cls, path: Path, checkpoint_state: Mapping[str, Any] | None) -> ShardLedger:
         """Return the ledger that matches the weights the engine is about to load.
 
-        With a checkpoint, its copy of the ledger wins over ``RUN/ledger.json``: shards
-        marked done after that checkpoint was written are not in its weights and must be
-        trained again. Without a checkpoint nothing is in the weights, so any shard the file
-        calls ``in_progress``/``done``/``changed`` goes back to ``pending``.
+        ``checkpoint_state`` is the :meth:`state_dict` stored inside the checkpoint being
+        resumed (``None`` when there is no checkpoint). It wins over ``RUN/ledger.json``,
+        which is not even read: shards marked done after that checkpoint was written are
+        not in its weights and must be trained again, and a corrupt view file must not
+        block a resume. Without a checkpoint nothing is in the weights, so every shard the
+        file calls ``in_progress``/``done``/``changed`` goes back to ``pending``.
         """
-        if checkpoint_dir is not None:
-            copy = Path(checkpoint_dir) / LEDGER_FILENAME
-            try:
-                state = json.loads(copy.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint_dir} has no readable {LEDGER_FILENAME}: {exc}"
-                ) from exc
+        if checkpoint_state is not None:
             ledger = cls(path)
-            ledger._load_state(state, source=str(copy))
+            ledger._load_state(checkpoint_state, source="the checkpoint's ledger")
             return ledger
         ledger = cls.load(path)
         for entry in ledger._entries.values():
@@ -198,6 +198,20 @@ class ShardLedger:
                 entry.finished_at = None
         return ledger
 
+    @classmethod
+    def read_copy(cls, directory: Path) -> dict[str, Any]:
+        """The state stored by :meth:`write_copy` in a checkpoint directory."""
+        copy = Path(directory) / LEDGER_FILENAME
+        try:
+            state = json.loads(copy.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {directory} has no readable {LEDGER_FILENAME}: {exc}"
+            ) from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"shard ledger {copy} is corrupt: top level is not an object")
+        return state
+
     def save(self) -> None:
         """Atomically write ``RUN/ledger.json``.
 
@@ -208,7 +222,11 @@ class ShardLedger:
         write_json_atomic(self.path, self.state_dict())
 
     def write_copy(self, directory: Path) -> Path:
-        """Store this ledger inside a checkpoint being written (call from the write callback)."""
+        """Store this ledger as ``ledger.json`` in a checkpoint being written.
+
+        Call it from the checkpoint's write callback, or put :meth:`state_dict` into any
+        other file of the checkpoint; what matters is that it is captured with the weights.
+        """
         target = Path(directory) / LEDGER_FILENAME
         write_json_atomic(target, self.state_dict())
         return target
@@ -312,7 +330,9 @@ class ShardLedger:
                 entry.reason = None
                 entry.position = 0
                 entry.finished_at = None
-            result.changed.append(entry)
+                result.requeued.append(entry)
+            else:
+                result.changed.append(entry)
 
         self._present = present
         result.pending = self._unfinished(present)
