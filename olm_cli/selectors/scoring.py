@@ -63,9 +63,7 @@ def mean_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor) -> to
     return (token_entropy * mask).sum(dim=1) / counts.clamp(min=1)
 
 
-def _row_scores(
-    logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor
-) -> tuple[float, float, float]:
+def _row_scores(logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Entropy, loss and gradnorm bound of one row's ``n`` predicting positions.
 
     For position t with hidden state h_t, LM-head weight W and p_t = softmax(W h_t), the
@@ -83,7 +81,7 @@ def _row_scores(
     others = probs.scatter(-1, targets[:, None], 0.0)
     residual = ((others * others).sum(dim=-1) + torch.expm1(logp_target) ** 2).sqrt()
     gradnorm = residual * hidden.float().norm(dim=-1)
-    return float(entropy.mean()), float(-logp_target.mean()), float(gradnorm.mean())
+    return torch.stack([entropy.mean(), -logp_target.mean(), gradnorm.mean()])
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -135,18 +133,23 @@ def score_pool(
                 mask = attention_mask[..., None].to(last_hidden.dtype)
                 pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
                 embeddings[start : start + len(chunk)] = pooled.float().cpu().numpy()
+                rows, measured = [], []
                 for row, block in enumerate(chunk):
                     length = len(block)
-                    index = start + row
-                    tokens[index] = max(length - 1, 0)
+                    tokens[start + row] = max(length - 1, 0)
                     if length < 2:
                         continue  # nothing to predict: all scores stay 0
-                    e, lo, g = _row_scores(
-                        out.logits[row, : length - 1],
-                        last_hidden[row, : length - 1],
-                        input_ids[row, 1:length],
+                    rows.append(start + row)
+                    measured.append(
+                        _row_scores(
+                            out.logits[row, : length - 1],
+                            last_hidden[row, : length - 1],
+                            input_ids[row, 1:length],
+                        )
                     )
-                    entropy[index], loss[index], gradnorm[index] = e, lo, g
+                if rows:  # one device-to-host copy per micro-batch, not one per number
+                    values = torch.stack(measured).cpu().numpy()
+                    entropy[rows], loss[rows], gradnorm[rows] = values.T
     finally:
         model.train(was_training)
     if embeddings is None:
