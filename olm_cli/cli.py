@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -148,19 +149,28 @@ def replay_inspect(
 def merge(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (HF format) to average.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
-    weights: Annotated[list[float] | None, typer.Option("--weights", help="One weight per checkpoint (e.g. sample counts); normalised. Default: equal.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per checkpoint (e.g. sample counts: 3,1); normalised. Default: equal.")] = None,
 ) -> None:
     """Weighted parameter averaging of checkpoints into one loadable checkpoint.
 
-    Example: olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3 --weights 1 --out merged
+    Example: olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3,1 --out merged
     """
     from olm_cli.merge import merge_checkpoints
 
-    path = merge_checkpoints(checkpoints, weights or None, out)
+    parsed = None
+    if weights:
+        try:
+            parsed = [float(w) for w in weights.replace(",", " ").split()]
+        except ValueError:
+            raise RecipeError(f"--weights {weights!r}: expected numbers such as 3,1") from None
+    path = merge_checkpoints(checkpoints, parsed, out)
     console.print(f"merged {len(checkpoints)} checkpoints → {path}")
 
 
 def main() -> None:
+    # Library download/loading bars would interleave with olm's own progress and logs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=False)

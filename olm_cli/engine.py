@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
 from olm_cli.data import BlockStream, discover_shards, shard_format, validate_shard
+from olm_cli.distill import collate_stored, topk_logits
 from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
@@ -195,6 +197,7 @@ class Trainer:
         from olm_cli.replay import build_replay_buffer
         from olm_cli.selectors import build_selector
 
+        transformers.utils.logging.disable_progress_bar()
         recipe = self.recipe
         log_with = ["tensorboard"] if recipe.run.tensorboard else None
         self.accelerator = Accelerator(
@@ -217,9 +220,9 @@ class Trainer:
         self.pad_id = int(tokenizer.pad_token_id)
 
         self.increment = int(self.state["increment"]) if self.resuming else self.ledger.start_increment()
-        self.trainable = apply_trainable(model, recipe.train, self.increment)
         if recipe.train.lora is not None:
             model = wrap_lora(model, recipe.train.lora)
+        self.trainable = apply_trainable(model, recipe.train, self.increment)
         self.selector = build_selector(recipe.selector, seed=seed)
         self.policy = build_batch_policy(recipe.batch)
         self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
@@ -247,6 +250,10 @@ class Trainer:
             self.horizon = int(self.state["horizon"])
             self.stream.load_state_dict(self.state["stream"])
             _restore_rng(load_tree(self.latest / "rng"))
+            if self.distiller is not None:
+                # LwF's teacher is the model as it was when this increment began, not at resume.
+                start = self._increment_start_model() if recipe.distill.method == "lwf" else None
+                self.distiller.begin_increment(start if start is not None else self.accelerator.unwrap_model(self.model))
             self._truncate_metrics(self.global_step)
         else:
             if self.carried_state is not None:
@@ -262,6 +269,8 @@ class Trainer:
             unwrapped = self.accelerator.unwrap_model(self.model)
             if self.distiller is not None:
                 self.distiller.begin_increment(unwrapped)
+                if recipe.distill.method == "lwf" and self.accelerator.is_main_process:
+                    self._save_increment_start(unwrapped)
             if self.regularizer is not None:
                 self.regularizer.begin_increment(unwrapped)
             if self.replay is not None and recipe.replay.seed_from and self.latest is None:
@@ -299,6 +308,32 @@ class Trainer:
         replay_share = round(self.recipe.replay.ratio * batch.size) if self.replay is not None else 0
         per_step = max(1, batch.size - replay_share) * self.selector.pool_factor
         return max(1, math.ceil(blocks / per_step))
+
+    def _save_increment_start(self, model: torch.nn.Module) -> None:
+        """Keep the increment's starting weights so a resumed LwF run distils from the same teacher."""
+        import shutil
+
+        from olm_cli.partial import model_for_save
+
+        final = self.run_dir / "increment-start"
+        tmp = self.run_dir / ".increment-start.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model_for_save(model).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "increment.json").write_text(json.dumps({"increment": self.increment}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def _increment_start_model(self) -> torch.nn.Module | None:
+        from olm_cli.modeling import load_pretrained
+
+        path = self.run_dir / "increment-start"
+        try:
+            if json.loads((path / "increment.json").read_text())["increment"] != self.increment:
+                raise FileNotFoundError
+        except (OSError, ValueError, KeyError):
+            logger.warning("no saved start-of-increment model; LwF distils from the resumed weights")
+            return None
+        return load_pretrained(str(path), dtype=self.recipe.model.dtype).to(self.accelerator.device)
 
     def _load_teacher(self, source: str) -> torch.nn.Module:
         from olm_cli.modeling import load_pretrained
@@ -426,22 +461,15 @@ class Trainer:
             return 0
         return min(samples - 1, max(0, round(self.recipe.replay.ratio * samples)), len(self.replay))
 
-    def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
+        """Per-sample stored top-k logits (None for fresh samples), for DER-style distillation."""
         if self.distiller is None or self.recipe.distill.method != "stored_logits" or not replayed:
             return None
-        width = max([len(b) for b in new_blocks] + [len(r.tokens) for r in replayed])
-        k = self.recipe.distill.topk
-        rows = len(new_blocks) + len(replayed)
-        values = torch.zeros(rows, width, k)
-        indices = torch.zeros(rows, width, k, dtype=torch.long)
-        mask = torch.zeros(rows, dtype=torch.bool)
-        for i, item in enumerate(replayed, start=len(new_blocks)):
-            if item.logits_values is not None and item.logits_indices is not None:
-                n = item.logits_values.shape[0]
-                values[i, :n] = torch.from_numpy(item.logits_values.astype(np.float32))
-                indices[i, :n] = torch.from_numpy(item.logits_indices.astype(np.int64))
-                mask[i] = True
-        return values, indices, mask
+        entries: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(new_blocks)
+        for item in replayed:
+            has = item.logits_values is not None and item.logits_indices is not None
+            entries.append((item.logits_values, item.logits_indices) if has else None)
+        return entries
 
     def _forward_backward(self, samples: list[np.ndarray], weights: np.ndarray, stored: Any, micro_batch: int,
                           n_new: int) -> tuple[float, np.ndarray, list[tuple[np.ndarray, np.ndarray]] | None] | None:
@@ -468,7 +496,10 @@ class Trainer:
                         ce = (row_loss * w).sum() / norm
                         loss = ce
                         if self.distiller is not None:
-                            chunk_stored = None if stored is None else tuple(t[chunk].to(accelerator.device) for t in stored)
+                            chunk_stored = None
+                            if stored is not None:
+                                width = batch["input_ids"].shape[1]
+                                chunk_stored = tuple(t.to(accelerator.device) for t in collate_stored([stored[i] for i in chunk], width))
                             kd = self.distiller.loss(logits, batch, chunk_stored)
                             if kd is not None:
                                 alpha = self.recipe.distill.alpha
@@ -481,8 +512,6 @@ class Trainer:
                     total += float(loss.detach())
                     per_sample[chunk] = row_loss.detach().float().cpu().numpy()
                     if keep_topk:
-                        from olm_cli.distill import topk_logits
-
                         for row, index in enumerate(chunk):
                             if index < n_new:
                                 n = len(samples[index])

@@ -177,6 +177,19 @@ class Recipe(BaseModel):
             raise ValueError("a streamed dataset has no length: set `run.max_steps` or `run.max_tokens` (per increment)")
         return self
 
+    @model_validator(mode="after")
+    def _stored_logits_are_kept(self) -> Recipe:
+        if self.distill.method == "stored_logits":
+            if self.replay.policy == "none":
+                raise ValueError("distill.method 'stored_logits' needs a replay buffer (replay.policy)")
+            if self.replay.store_logits_topk == 0:
+                self.replay.store_logits_topk = self.distill.topk
+            elif self.replay.store_logits_topk != self.distill.topk:
+                raise ValueError(
+                    f"replay.store_logits_topk ({self.replay.store_logits_topk}) must equal distill.topk ({self.distill.topk})"
+                )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe, write_recipe
+
+from olm_cli.errors import EXIT_USAGE, RecipeError
+from olm_cli.recipe import load_recipe, parse_override
+
+
+def test_valid_recipe_resolves_defaults_and_relative_paths(tmp_path: Path) -> None:
+    recipe_dict = tiny_recipe(tmp_path)
+    recipe_dict["data"]["shards"] = ["stream/*/*.jsonl"]
+    recipe_dict["run"]["dir"] = "runs/x"
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict))
+    assert recipe.data.shards == [str(tmp_path / "stream/*/*.jsonl")]
+    assert recipe.run.dir == str(tmp_path / "runs/x")
+    assert recipe.selector.name == "random"
+    assert recipe.optim.schedule == "cosine"
+
+
+def test_all_errors_reported_at_once_with_paths_and_did_you_mean(tmp_path: Path) -> None:
+    recipe_dict = tiny_recipe(tmp_path)
+    recipe_dict["optim"]["lrr"] = 0.1
+    recipe_dict["run"]["seed"] = "not-a-number"
+    recipe_dict["data"]["block_size"] = -3
+    recipe_dict["modle"] = {}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path, recipe_dict))
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_USAGE
+    assert "4 problem(s)" in message
+    assert "optim.lrr: unknown key; did you mean `lr`?" in message
+    assert "modle: unknown key; did you mean `model`?" in message
+    assert "run.seed:" in message
+    assert "data.block_size:" in message
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  init: scratch\n data: [unclosed\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"bad\.yaml:\d+:\d+: malformed YAML"):
+        load_recipe(path)
+
+
+def test_missing_and_non_mapping_recipe(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(path)
+
+
+def test_overrides_apply_with_types(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    recipe = load_recipe(path, ["optim.lr=3e-4", "run.dir=/tmp/elsewhere", "replay.policy=reservoir", "replay.ratio=0.25"])
+    assert recipe.optim.lr == pytest.approx(3e-4)
+    assert recipe.run.dir == "/tmp/elsewhere"
+    assert recipe.replay.policy == "reservoir"
+    assert recipe.replay.ratio == 0.25
+
+
+def test_override_errors(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    with pytest.raises(RecipeError, match="not KEY=VALUE"):
+        load_recipe(path, ["optim.lr"])
+    with pytest.raises(RecipeError, match="optim.lrr: unknown key; did you mean `lr`"):
+        load_recipe(path, ["optim.lrr=1"])
+    with pytest.raises(RecipeError, match="`lr` is not a section"):
+        load_recipe(path, ["optim.lr.x=1"])
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    recipe_dict = tiny_recipe(tmp_path)
+    recipe_dict["model"] = {"init": "pretrained"}
+    recipe_dict["data"]["domain_pattern"] = "no-group"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path, recipe_dict))
+    assert "name_or_path" in str(info.value)
+    assert "data.domain_pattern" in str(info.value)
