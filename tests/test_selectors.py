@@ -177,6 +177,16 @@ def test_coverage_covers_every_cluster_and_keeps_rare_ones() -> None:
     assert second.stats["coverage_clusters_selected"] == 4.0
 
 
+def test_coverage_restarts_clustering_when_the_embedding_size_changes() -> None:
+    selector = build_selector(cfg(name="coverage", num_clusters=2), seed=0)
+    pool = [block([1, 1]), block([5, 5]), block([9, 9])]
+    selector.select(clustered(centres=4, per_centre=4), pool, 2, PAD)
+    wider = TableModel(torch.zeros(17, 17), torch.eye(17))
+    sel = selector.select(wider, pool, 2, PAD)
+    assert len(sel.indices) == 2
+    assert selector.state_dict()["centroids"].shape == (2, 17)
+
+
 def test_apportion_is_proportional_and_respects_room() -> None:
     shares = np.array([0.5, 0.3, 0.2])
     np.testing.assert_array_equal(apportion(shares, np.array([10, 10, 10]), 10), [5, 3, 2])

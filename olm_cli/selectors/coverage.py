@@ -69,6 +69,9 @@ class CoverageSelector:
         D^2 sampling spreads the seeds over the pool; it also runs on later pools while fewer
         centroids than asked exist (a first pool smaller than ``num_clusters``).
         """
+        if self.centroids.shape[0] and self.centroids.shape[1] != x.shape[1]:
+            # A different model (hidden size) makes old centroids meaningless: start over.
+            self.centroids, self.mass = np.zeros((0, 0)), np.zeros(0)
         if self.centroids.shape[0] == 0:
             first = int(torch.randint(len(x), (1,), generator=self.chooser.generator))
             self.centroids = x[first : first + 1].copy()
