@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,52 @@ def test_latest_link_loads_with_transformers(manager: CheckpointManager):
 
     assert loaded.config.n_embd == 8
     manager.verify(manager.root / "step-00000007", deep=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB filesystem, so writes fail with a genuine ENOSPC (needs root)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("serializer", ["torch", "safetensors", "plain"])
+def test_real_full_disk_keeps_previous_checkpoint(full_disk: Path, serializer: str):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    manager = CheckpointManager(full_disk / "checkpoints")
+    good = manager.save(1, writer("one"))
+    big = {"exp_avg": torch.zeros(200_000)}  # 800 KB on a 256 KiB disk
+
+    def write(directory: Path) -> None:
+        writer("two")(directory)
+        if serializer == "torch":
+            torch.save(big, directory / "optimizer.pt")
+        elif serializer == "safetensors":
+            save_file(big, str(directory / "model.safetensors"))
+        else:
+            (directory / "blob").write_bytes(bytes(800_000))
+
+    with pytest.raises(
+        CheckpointError, match=r"^could not write checkpoint step-00000002: "
+    ) as info:
+        manager.save(2, write)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
+    assert manager.latest() == good
+    manager.verify(good, deep=True)
+    # torch's writer keeps its fd open until the traceback that references it is dropped.
+    del info
+    gc.collect()
+    manager.save(3, writer("three"))  # the partial checkpoint's space was freed

@@ -171,6 +171,10 @@ class CheckpointManager:
                     os.rename(trash, final)
             if isinstance(exc, OSError):
                 raise CheckpointError(f"could not write checkpoint {name}: {exc}") from exc
+            if _is_write_failure(exc):
+                raise CheckpointError(
+                    f"could not write checkpoint {name}: {exc}{_free_space_note(self.root)}"
+                ) from exc
             raise
         if trashed:
             shutil.rmtree(trash, ignore_errors=True)
@@ -352,6 +356,24 @@ class CheckpointManager:
         if not _STEP_RE.match(path.name) or not path.is_dir():
             return None
         return path
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is how a serializer reports an I/O failure (measured on a full tmpfs).
+
+    ``torch.save(obj, path)`` raises ``RuntimeError("[enforce fail at inline_container.cc]
+    unexpected pos ...")`` and ``save_pretrained`` (safetensors) raises ``SafetensorError("...
+    I/O error: No space left on device")``; neither is an ``OSError`` nor carries an errno.
+    """
+    return isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError"
+
+
+def _free_space_note(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.0f} MiB free on the checkpoint disk)"
 
 
 def _describe_files(directory: Path) -> list[dict[str, Any]]:
