@@ -118,8 +118,9 @@ class CheckpointManager:
         """Write, verify and publish checkpoint ``step``; return its final directory.
 
         On any failure the temp directory is removed and the previous checkpoint and
-        ``latest`` are left untouched; an ``OSError`` (a full disk, say) becomes a
-        :class:`CheckpointError`, anything else (a bug in ``write``) propagates as is.
+        ``latest`` are left untouched. An ``OSError`` (a full disk, say), or the way
+        ``torch.save``/``safetensors`` report one, becomes a :class:`CheckpointError`;
+        anything else (a bug in ``write``, Ctrl-C) propagates as is.
         """
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
