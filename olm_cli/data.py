@@ -31,10 +31,13 @@ from olm_cli.samples import Block
 
 logger = logging.getLogger(__name__)
 
+DATASET_PREFIX = "dataset:"
 SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz")
 
 
 def shard_format(path: Path | str, declared: str = "auto") -> str:
+    if str(path).startswith(DATASET_PREFIX):
+        return "dataset"
     if declared != "auto":
         return declared
     name = str(path).lower().removesuffix(".gz")
@@ -126,9 +129,24 @@ def validate_shard(path: Path, fmt: str, text_field: str) -> int:
     return documents
 
 
+def dataset_source(name: str, split: str) -> Path:
+    """The pseudo-shard that stands for a whole streamed dataset (hub id or local directory)."""
+    return Path(f"{DATASET_PREFIX}{name}#{split}")
+
+
+def is_dataset_source(path: Path | str) -> bool:
+    return str(path).startswith(DATASET_PREFIX)
+
+
 def _load_streaming(path: Path, fmt: str) -> Any:
     from datasets import load_dataset
 
+    if is_dataset_source(path):
+        name, _, split = str(path)[len(DATASET_PREFIX) :].rpartition("#")
+        try:
+            return load_dataset(name, split=split, streaming=True)
+        except Exception as exc:  # datasets raises many types for a missing/unreachable dataset
+            raise DataError(f"data.dataset={name!r}: cannot stream split {split!r} ({exc})") from None
     builder = {"jsonl": "json", "parquet": "parquet", "txt": "text"}[fmt]
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "txt" else {}
     return load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
@@ -270,11 +288,16 @@ class BlockStream:
         return True
 
     def _path_domain(self, path: Path) -> str:
-        return domain_of(path, self.domain_pattern) if self.domain_from == "path" else ""
+        if self.domain_from != "path":
+            return ""
+        if is_dataset_source(path):
+            # A streamed dataset is one domain named after the dataset, unless records carry one.
+            return Path(str(path)[len(DATASET_PREFIX) :].rpartition("#")[0]).name
+        return domain_of(path, self.domain_pattern)
 
     def _record_domain(self, path: Path, record: dict[str, Any]) -> str:
         if self.domain_from == "path":
-            return domain_of(path, self.domain_pattern)
+            return self._path_domain(path)
         value = record.get(self.domain_field)
         if not isinstance(value, str) or not value:
             raise DataError(f"{path}: record without string field {self.domain_field!r} (data.domain_field)")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import transformers
 
-from olm_cli.data import BlockStream, discover_shards, shard_format, validate_shard
+from olm_cli.data import BlockStream, dataset_source, discover_shards, is_dataset_source, shard_format, validate_shard
 from olm_cli.distill import collate_stored, topk_logits
 from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
 from olm_cli.recipe import Recipe
@@ -162,7 +162,13 @@ class Trainer:
         carried_shards = []
         if carried:
             carried_shards = [Path(p) for p in carried["shards"][carried["shard_index"] :]]
-        paths = discover_shards(recipe.data.shards) if recipe.data.shards else []
+        if recipe.data.dataset:
+            # A streamed dataset is one endless source: continue from the saved position.
+            self.shard_plan = [dataset_source(recipe.data.dataset, recipe.data.dataset_split)]
+            finished = bool(carried) and not carried_shards and not carried["pending"]
+            self.carried_state = carried if carried_shards else None
+            return not finished
+        paths = discover_shards(recipe.data.shards)
         scan = self.ledger.scan(paths, retrain_changed=recipe.run.retrain_changed)
         for path in scan.changed:
             self._say(f"[yellow]warning:[/] {path} changed after it was trained; skipped (set run.retrain_changed: true to train it again)")
@@ -265,7 +271,8 @@ class Trainer:
             random.seed(seed + self.increment)
             np.random.seed((seed + self.increment) % 2**32)
             for path in self.shard_plan:
-                self.ledger.mark_in_progress(str(path), self.increment)
+                if not is_dataset_source(path):
+                    self.ledger.mark_in_progress(str(path), self.increment)
             unwrapped = self.accelerator.unwrap_model(self.model)
             if self.distiller is not None:
                 self.distiller.begin_increment(unwrapped)
@@ -386,6 +393,11 @@ class Trainer:
                 self.unselected += selection.unselected
                 new_blocks = [pool[i] for i in selection.indices]
                 new_weights = selection.weights if selection.weights is not None else np.ones(len(new_blocks))
+                if not new_blocks:
+                    # A threshold selector may reject a whole pool; those blocks are counted as
+                    # unselected and the step is taken on the next pool.
+                    self._mark_finished_shards()
+                    continue
 
                 # batch + mix replay.
                 replayed = self.replay.sample(n_replay) if n_replay else []
@@ -418,9 +430,9 @@ class Trainer:
                         self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[len(new_blocks) :]])
                 for block in new_blocks:
                     self.domain_tokens[block.domain] += len(block)
-                    self.ledger.add_tokens(block.shard, len(block))
-                for shard in self.stream.take_finished_shards():
-                    self.ledger.mark_done(shard, 0, self.increment)
+                    if block.shard in self.ledger:
+                        self.ledger.add_tokens(block.shard, len(block))
+                self._mark_finished_shards()
 
                 from olm_cli.batching import StepStats
 
@@ -448,6 +460,11 @@ class Trainer:
                     self._checkpoint(complete=False)
 
         return self._finish_increment()
+
+    def _mark_finished_shards(self) -> None:
+        for shard in self.stream.take_finished_shards():
+            if shard in self.ledger:
+                self.ledger.mark_done(shard, 0, self.increment)
 
     def _increment_done(self) -> bool:
         if self.step >= self.horizon:
@@ -555,9 +572,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint / finish
 
     def _finish_increment(self) -> TrainOutcome:
-        if self.stream.exhausted:
-            for shard in self.stream.take_finished_shards():
-                self.ledger.mark_done(shard, 0, self.increment)
+        self._mark_finished_shards()
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.regularizer is not None:
             self.regularizer.end_increment(unwrapped, self._fisher_batches())
