@@ -30,7 +30,14 @@ import numpy as np
 import torch
 import transformers
 
-from olm_cli.data import BlockStream, dataset_source, discover_shards, is_dataset_source, shard_format, validate_shard
+from olm_cli.data import (
+    BlockStream,
+    dataset_source,
+    discover_shards,
+    is_dataset_source,
+    shard_format,
+    validate_shard,
+)
 from olm_cli.distill import collate_stored, topk_logits
 from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
 from olm_cli.recipe import Recipe
