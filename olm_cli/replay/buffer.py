@@ -13,31 +13,29 @@ samples as the run that wrote the snapshot, bit for bit.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from olm_cli.errors import CheckpointError
 from olm_cli.replay.config import ReplayConfig
 from olm_cli.replay.protocol import Incoming, ReplayItem, ReplayPolicy
 from olm_cli.replay.registry import REPLAY_POLICIES
 from olm_cli.replay.snapshot import (
-    ARRAYS,
+    COLUMNS_DIR,
     FORMAT,
     MANIFEST,
-    SAMPLES,
     SEGMENTS,
+    STATE_DIR,
+    read_arrays,
     read_manifest,
-    read_samples,
-    write_arrow,
+    write_arrays,
     write_json_atomic,
 )
 from olm_cli.replay.store import SEGMENT_BYTES, SegmentStore, fsync_dir, segment_name
-from olm_cli.replay.table import SampleTable
+from olm_cli.replay.table import COLUMNS, SampleTable
 
 if TYPE_CHECKING:
     from olm_cli.samples import Block
@@ -284,17 +282,19 @@ class DiskReplayBuffer:
         directory.mkdir(parents=True, exist_ok=True)
         self.store.seal()
         segments = self.store.export(directory / SEGMENTS)
-        write_arrow(directory / SAMPLES, self.table.to_arrow())
-        arrays: dict[str, np.ndarray] = {"free": self.table.free[: self.table.n_free].copy()}
+        table = self.table
+        write_arrays(
+            directory / COLUMNS_DIR,
+            ((name, table.live_column(name)) for name in ("slot", *COLUMNS)),
+        )
+        arrays: dict[str, np.ndarray] = {"free": table.free[: table.n_free]}
         scalars: dict[str, Any] = {}
         for key, value in self.policy.state_dict().items():
             if isinstance(value, np.ndarray):
-                arrays[f"policy.{key}"] = np.ascontiguousarray(value)
+                arrays[f"policy.{key}"] = value
             else:
                 scalars[key] = value
-        save_file(arrays, str(directory / ARRAYS))
-        with open(directory / ARRAYS, "rb+") as handle:
-            os.fsync(handle.fileno())
+        write_arrays(directory / STATE_DIR, arrays.items())
         manifest = {
             "format": FORMAT,
             "policy": self.policy.name,
@@ -326,13 +326,13 @@ class DiskReplayBuffer:
                 f"replay snapshot {directory} counts capacity in {manifest['capacity_unit']}, "
                 f"the recipe in {self.cfg.capacity_unit}"
             )
-        try:
-            rows = read_samples(directory)
-            arrays = load_file(str(directory / ARRAYS))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"unreadable replay snapshot {directory}: {exc}") from exc
+        columns = read_arrays(directory / COLUMNS_DIR)
+        arrays = read_arrays(directory / STATE_DIR, mmap=False)
+        if "free" not in arrays or not {"slot", *COLUMNS} <= columns.keys():
+            raise CheckpointError(f"replay snapshot {directory} is incomplete")
         counters = manifest["table"]
-        table = SampleTable.restore(rows, arrays["free"], counters)
+        table = SampleTable.restore(columns, arrays["free"], counters)
+        del columns
         segments = {int(s): int(size) for s, size in manifest["segments"].items()}
         missing = [s for s in segments if not (directory / SEGMENTS / segment_name(s)).is_file()]
         if missing:

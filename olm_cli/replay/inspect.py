@@ -136,12 +136,13 @@ def inspect_replay(
 
 
 def _columns(reader: SnapshotReader) -> dict[str, np.ndarray]:
-    samples = reader.samples
-    columns: dict[str, np.ndarray] = {}
-    for name in ("id", "step", "score", "replayed", "length"):
-        columns[name] = samples.column(name).to_numpy()
-    for name in ("domain", "shard"):
-        columns[name] = np.asarray(samples.column(name).to_pylist(), dtype=object)
+    """Columns needed for the report, with domain/shard codes decoded to names."""
+    source = reader.columns
+    columns = {
+        name: np.asarray(source[name]) for name in ("id", "step", "score", "replayed", "length")
+    }
+    for name, names in (("domain", reader.domains), ("shard", reader.shards)):
+        columns[name] = np.asarray(names, dtype=object)[np.asarray(source[name])]
     return columns
 
 
@@ -176,7 +177,7 @@ def _report(reader: SnapshotReader, show: int, tokenizer: Decoder | None) -> dic
         "fill": used / capacity if capacity else 0.0,
         "seen": int(manifest["table"]["seen"]),
         "evicted": int(manifest.get("evicted", 0)),
-        "stored_logits": int((reader.samples.column("logits_k").to_numpy() > 0).sum()),
+        "stored_logits": int((np.asarray(reader.columns["logits_k"]) > 0).sum()),
         "by_domain": _composition(columns["domain"], columns["length"], size, tokens),
         "by_shard": _composition(columns["shard"], columns["length"], size, tokens),
         "age_histogram": _histogram(columns["step"].astype(np.float64)),

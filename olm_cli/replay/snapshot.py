@@ -4,31 +4,33 @@
 
     replay/
       manifest.json        written last: its presence means the snapshot is complete
-      samples.arrow        Arrow IPC file, one row per live sample (metadata only)
-      arrays.safetensors   free-slot stack and policy arrays (e.g. priority tree leaves)
+      columns/<name>.npy   per-sample metadata, one .npy per column, rows in live order
+      state/<name>.npy     free-slot stack and policy arrays (e.g. priority tree leaves)
       segments/seg-*.bin   token bytes: hard links to immutable segment files
 
-No pickle anywhere: a snapshot can be read by pyarrow, safetensors and json alone.
+Plain ``.npy`` files (no pickle: loaded with ``allow_pickle=False``) rather than Arrow: they
+are written one column at a time from the in-RAM columns, read back memory-mapped, and keep
+pyarrow's ~50 MB of one-time initialisation out of the training process. Domain and shard
+names are string tables in the manifest; the ``domain``/``shard`` columns hold their codes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc
 
 from olm_cli.errors import CheckpointError
 from olm_cli.replay.store import fsync_dir, read_exact, segment_name
 
 FORMAT = "olm-replay/1"
 MANIFEST = "manifest.json"
-SAMPLES = "samples.arrow"
-ARRAYS = "arrays.safetensors"
+COLUMNS_DIR = "columns"
+STATE_DIR = "state"
 SEGMENTS = "segments"
 
 
@@ -42,11 +44,25 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     fsync_dir(path.parent)
 
 
-def write_arrow(path: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+def write_arrays(directory: Path, arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+    """One fsynced ``name.npy`` per array; arrays may be produced lazily, one at a time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays:
+        with open(directory / f"{name}.npy", "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
+def read_arrays(directory: Path, mmap: bool = True) -> dict[str, np.ndarray]:
+    try:
+        return {
+            path.stem: np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            for path in sorted(Path(directory).glob("*.npy"))
+        }
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable replay snapshot arrays in {directory}: {exc}") from exc
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -65,19 +81,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_samples(directory: Path) -> pa.Table:
-    with pa.memory_map(str(Path(directory) / SAMPLES), "r") as source:
-        return pa.ipc.open_file(source).read_all()
-
-
 class SnapshotReader:
-    """Read-only view of a snapshot: metadata as an Arrow table, tokens on demand."""
+    """Read-only view of a snapshot: metadata columns memory-mapped, tokens on demand."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.samples = read_samples(self.directory)
+        self.columns = read_arrays(self.directory / COLUMNS_DIR)
+        self.domains: list[str] = self.manifest["table"]["domains"]
+        self.shards: list[str] = self.manifest["table"]["shards"]
         self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return int(self.columns["id"].shape[0])
 
     def __enter__(self) -> SnapshotReader:
         return self
@@ -91,9 +107,9 @@ class SnapshotReader:
         self._fds.clear()
 
     def tokens(self, row: int) -> np.ndarray:
-        segment = int(self.samples.column("segment")[row].as_py())
-        offset = int(self.samples.column("offset")[row].as_py())
-        length = int(self.samples.column("length")[row].as_py())
+        segment = int(self.columns["segment"][row])
+        offset = int(self.columns["offset"][row])
+        length = int(self.columns["length"][row])
         fd = self._fds.get(segment)
         if fd is None:
             path = self.directory / SEGMENTS / segment_name(segment)

@@ -9,7 +9,6 @@ a uniform eviction is one random index, O(1).
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 INT64_COLUMNS = ("id", "offset", "step", "scored_at", "last_used")
 INT32_COLUMNS = ("segment", "length", "logits_k", "replayed", "domain", "shard")
@@ -165,23 +164,14 @@ class SampleTable:
         return int(hits[0]) if hits.size else -1
 
     # -- persistence ---------------------------------------------------------------------
-    def to_arrow(self) -> pa.Table:
-        """Live rows in live-list order (the order uniform draws index), codes as dictionaries."""
+    def live_column(self, name: str) -> np.ndarray:
+        """One metadata column for the live rows, in live-list order (what draws index).
+
+        Snapshots write column by column so that saving never holds more than one extra
+        column in memory.
+        """
         slots = self.live_slots()
-        columns: dict[str, pa.Array] = {"slot": pa.array(slots.copy())}
-        for column in COLUMNS:
-            values = getattr(self, column)[slots]
-            if column == "domain":
-                columns[column] = pa.DictionaryArray.from_arrays(
-                    pa.array(values), pa.array(self.domains, type=pa.string())
-                )
-            elif column == "shard":
-                columns[column] = pa.DictionaryArray.from_arrays(
-                    pa.array(values), pa.array(self.shards, type=pa.string())
-                )
-            else:
-                columns[column] = pa.array(values)
-        return pa.table(columns)
+        return slots.copy() if name == "slot" else getattr(self, name)[slots]
 
     def counters(self) -> dict[str, int | list[str]]:
         return {
@@ -197,14 +187,13 @@ class SampleTable:
         }
 
     @classmethod
-    def restore(cls, rows: pa.Table, free: np.ndarray, counters: dict) -> SampleTable:
+    def restore(
+        cls, columns: dict[str, np.ndarray], free: np.ndarray, counters: dict
+    ) -> SampleTable:
         table = cls(int(counters["slot_capacity"]))
-        slots = rows.column("slot").to_numpy().astype(np.int32)
+        slots = np.asarray(columns["slot"], dtype=np.int32)
         for column in COLUMNS:
-            data = rows.column(column).combine_chunks()
-            if isinstance(data, pa.DictionaryArray):
-                data = data.indices
-            getattr(table, column)[slots] = data.to_numpy(zero_copy_only=False)
+            getattr(table, column)[slots] = columns[column]
         table.size = int(slots.size)
         table.live[: table.size] = slots
         table.pos[slots] = np.arange(table.size, dtype=np.int32)
