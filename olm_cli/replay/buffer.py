@@ -338,8 +338,14 @@ class DiskReplayBuffer:
         if missing:
             raise CheckpointError(f"replay snapshot {directory} lacks segments {missing}")
         self.store.adopt(directory / SEGMENTS, segments)
-        for slot in table.live_slots().tolist():
-            self.store.live[int(table.segment[slot])] += table.nbytes(slot)
+        live = table.live_slots()
+        lengths = table.length[live].astype(np.int64)
+        nbytes = 4 * lengths + 6 * lengths * table.logits_k[live]
+        per_segment = np.bincount(table.segment[live], weights=nbytes)
+        for segment in segments:
+            self.store.live[segment] = (
+                int(per_segment[segment]) if segment < per_segment.size else 0
+            )
         self.table = table
         self.rng.bit_generator.state = manifest["rng"]
         self.step = int(manifest["step"])
