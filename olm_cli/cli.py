@@ -45,11 +45,11 @@ def train(config: ConfigOption, overrides: OverridesArg = None, json_out: JsonOp
 
     Example: olm train --config configs/quickstart.yaml run.max_steps=50
     """
-    from olm_cli.engine import train as run_train
+    from olm_cli.increment import run_increment
     from olm_cli.recipe import load_recipe
 
     recipe = load_recipe(config, overrides or [])
-    outcome = run_train(recipe, console=err_console if json_out else console)
+    outcome = run_increment(recipe, console=err_console if json_out else console)
     if json_out:
         _print_json(outcome.__dict__)
     elif outcome.message:

@@ -22,7 +22,6 @@ import random
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +31,19 @@ import transformers
 
 from olm_cli.data import (
     BlockStream,
-    dataset_source,
     discover_shards,
     is_dataset_source,
-    shard_format,
-    validate_shard,
 )
 from olm_cli.distill import collate_stored, topk_logits
 from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
+from olm_cli.increment import TRAINER_STATE, IncrementPlan, TrainOutcome
 from olm_cli.recipe import Recipe
-from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
+from olm_cli.rundir import GracefulStop
 from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.state_files import load_tree, save_tree
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
-
-
-@dataclass
-class TrainOutcome:
-    """What one invocation did; the CLI turns it into a message and an exit code."""
-
-    status: str  # "nothing_to_do" | "increment_complete" | "time_budget" | "interrupted"
-    exit_code: int
-    increment: int = 0
-    steps: int = 0
-    tokens: int = 0
-    checkpoint: str | None = None
-    message: str = ""
 
 
 # --------------------------------------------------------------------------- schedule
@@ -135,69 +118,21 @@ def _restore_rng(tree: dict[str, Any]) -> None:
 class Trainer:
     """One invocation of ``olm train``: at most one increment (or the rest of an interrupted one)."""
 
-    def __init__(self, recipe: Recipe, *, console: Any = None) -> None:
+    def __init__(self, recipe: Recipe, plan: IncrementPlan, *, console: Any = None) -> None:
         self.recipe = recipe
         self.console = console
         self.run_dir = Path(recipe.run.dir)
-        self.started = time.monotonic()
+        self.started = plan.started
+        # What to train was decided without torch (olm_cli.increment); adopt it.
+        self.checkpoints = plan.checkpoints
+        self.latest = plan.latest
+        self.state = plan.state
+        self.ledger = plan.ledger
+        self.resuming = plan.resuming
+        self.shard_plan = plan.shards
+        self.carried_state = plan.carried_state
 
     # ------------------------------------------------------------------ setup
-
-    def plan(self) -> bool:
-        """Decide what this invocation trains, without loading the model. False: nothing to do."""
-        recipe = self.recipe
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
-        self.checkpoints.cleanup_temp()
-        self.latest = self.checkpoints.latest()
-        self.state: dict[str, Any] = {}
-        if self.latest is not None:
-            self.state = json.loads((self.latest / TRAINER_STATE).read_text())
-        # The ledger inside the checkpoint is the truth: shards finished after it was written
-        # are trained again from the checkpoint's data position, so none is trained twice.
-        self.ledger = ShardLedger.load(self.run_dir / "ledger.json")
-        if self.latest is not None and "ledger" in self.state:
-            self.ledger.load_state_dict(self.state["ledger"])
-
-        self.resuming = bool(self.state) and not self.state.get("increment_complete", True)
-        self.carried_state: dict[str, Any] | None = None
-        if self.resuming:
-            self.shard_plan = [Path(p) for p in self.state["stream"]["shards"]]
-            return True
-
-        # Carried data: the previous increment stopped at its step budget inside a shard.
-        carried = self.state.get("stream") if self.state else None
-        carried_shards = []
-        if carried:
-            carried_shards = [Path(p) for p in carried["shards"][carried["shard_index"] :]]
-        if recipe.data.dataset:
-            # A streamed dataset is one endless source: continue from the saved position.
-            self.shard_plan = [dataset_source(recipe.data.dataset, recipe.data.dataset_split)]
-            finished = bool(carried) and not carried_shards and not carried["pending"]
-            self.carried_state = carried if carried_shards else None
-            return not finished
-        paths = discover_shards(recipe.data.shards)
-        scan = self.ledger.scan(paths, retrain_changed=recipe.run.retrain_changed)
-        for path in scan.changed:
-            self._say(f"[yellow]warning:[/] {path} changed after it was trained; skipped (set run.retrain_changed: true to train it again)")
-        carried_set = {str(p) for p in carried_shards}
-        limit = recipe.run.max_shards_per_increment
-        fresh = [Path(e.path) for e in self.ledger.plan(None) if e.path not in carried_set]
-        plan: list[Path] = list(carried_shards)
-        for path in fresh:
-            if limit is not None and len(plan) >= limit:
-                break
-            try:
-                validate_shard(path, shard_format(path, recipe.data.format), recipe.data.text_field)
-            except DataError as exc:
-                self.ledger.quarantine(str(path), str(exc))
-                self._say(f"[yellow]quarantined:[/] {exc}")
-                continue
-            plan.append(path)
-        self.ledger.save()
-        self.carried_state = carried if carried_shards else None
-        self.shard_plan = plan
-        has_carry = bool(carried and (carried["pending"] or carried["dataset_state"] is not None or carried_shards))
-        return bool(plan) or has_carry
 
     def setup(self) -> None:
         """Load model, tokenizer, strategies, optimiser and data position (in that order)."""
@@ -591,6 +526,8 @@ class Trainer:
             record_increment_eval(self.run_dir, self.recipe, unwrapped, self.tokenizer, increment=self.increment,
                                   trained=dict(self.domain_tokens), step=self.global_step, console=self.console)
         self.accelerator.end_training()
+        if self.replay is not None:
+            self.replay.close()
         return TrainOutcome("increment_complete", EXIT_OK, self.increment, self.step, self.tokens, str(path))
 
     def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -651,7 +588,8 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        with open(directory / "optimizer.pt", "wb") as handle:  # a plain OSError on a full disk
+            torch.save(self.optimizer.state_dict(), handle)
         save_tree(directory / "rng", _rng_to_tree(capture_rng()))
         save_tree(directory / "parts", {
             "selector": self.selector.state_dict(),
@@ -755,18 +693,3 @@ def _rebase_stream_state(state: dict[str, Any], plan: list[Path]) -> dict[str, A
     rebased["shards"] = [str(p) for p in plan]
     rebased["shard_index"] = 0
     return rebased
-
-
-def train(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
-    """Entry point of ``olm train``: lock, plan, and run one increment."""
-    run_dir = Path(recipe.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    lock = RunLock(run_dir) if is_main else _nullcontext()
-    with lock:
-        trainer = Trainer(recipe, console=console)
-        if not trainer.plan():
-            return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        trainer.setup()
-        return trainer.train()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning an increment must not load it
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -30,6 +33,8 @@ class Block:
 
 def collate(token_lists: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token arrays into a batch; padded positions are masked out of the loss."""
+    import torch
+
     if not token_lists:
         raise ValueError("cannot collate an empty batch")
     width = max(int(t.shape[0]) for t in token_lists)
@@ -48,6 +53,8 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
     Shifts internally (logits at position t predict labels at t+1), ignores ``IGNORE_INDEX``.
     """
+    import torch
+
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     token_loss = torch.nn.functional.cross_entropy(

@@ -60,7 +60,7 @@ def recipe_dict(shards: str, tokenizer_dir: Path, run_dir: Path, args: argparse.
 
 
 def bench_olm(recipe: dict, args: argparse.Namespace) -> float:
-    from olm_cli.engine import train
+    from olm_cli.increment import run_increment as train
 
     outcome = train(recipe_from_dict(recipe))
     assert outcome.steps == args.steps, outcome

@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OLM=.venv/bin/olm
 
 echo "== building the demo data (stdlib code, stdlib docs, Shakespeare) into data/demo"
-.venv/bin/python scripts/build_demo_data.py --out data/demo --force
+.venv/bin/python scripts/build_demo_data.py --out data/demo --shard-kb 140 --force
 
 rm -rf data/stream runs/quickstart
 for domain_dir in data/demo/train/*/; do

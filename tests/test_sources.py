@@ -9,8 +9,8 @@ import torch
 from conftest import add_shard, make_documents, tiny_recipe, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from olm_cli.engine import train
 from olm_cli.errors import RecipeError
+from olm_cli.increment import run_increment as train
 from olm_cli.modeling import load_source, train_tokenizer
 from olm_cli.recipe import ModelConfig, recipe_from_dict
 

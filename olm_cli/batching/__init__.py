@@ -3,14 +3,37 @@
 One file per policy; :data:`BATCH_POLICIES` maps the recipe's ``batch.policy`` to its class.
 """
 
-from olm_cli.batching.adaptive import AdaptiveBatch
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from olm_cli.batching.config import BatchConfig
-from olm_cli.batching.contract import BatchPlan, BatchPolicy, StepStats
-from olm_cli.batching.fixed import FixedBatch
-from olm_cli.batching.periodic import PeriodicBatch
-from olm_cli.batching.registry import BATCH_POLICIES, build_batch_policy
-from olm_cli.batching.resource import MemorySnapshot, ResourceBatch, cuda_memory_probe
-from olm_cli.batching.uncertainty import UncertaintyBatch
+
+# Everything else is imported on first use, so that reading a recipe (which only needs the
+# config classes) does not import torch: `olm train` with nothing to do must return at once.
+_LAZY = {
+    "AdaptiveBatch": "olm_cli.batching.adaptive",
+    "BATCH_POLICIES": "olm_cli.batching.registry",
+    "BatchPlan": "olm_cli.batching.contract",
+    "BatchPolicy": "olm_cli.batching.contract",
+    "FixedBatch": "olm_cli.batching.fixed",
+    "MemorySnapshot": "olm_cli.batching.resource",
+    "PeriodicBatch": "olm_cli.batching.periodic",
+    "ResourceBatch": "olm_cli.batching.resource",
+    "StepStats": "olm_cli.batching.contract",
+    "UncertaintyBatch": "olm_cli.batching.uncertainty",
+    "build_batch_policy": "olm_cli.batching.registry",
+    "cuda_memory_probe": "olm_cli.batching.resource",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "BATCH_POLICIES",

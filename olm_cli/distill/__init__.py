@@ -3,20 +3,43 @@ regularisers (EWC, L2). The recipe sections for them and for partial updates liv
 :mod:`olm_cli.distill.config`; partial updates and LoRA themselves are in :mod:`olm_cli.partial`.
 """
 
-from olm_cli.distill.base import Distiller, Regularizer, StoredLogits
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from olm_cli.distill.config import DistillConfig, LoraConfig, RegularizeConfig, TrainConfig
-from olm_cli.distill.ewc import EwcRegularizer, estimate_fisher
-from olm_cli.distill.kd import collate_stored, kd_kl, topk_kl, topk_logits, vocab_size
-from olm_cli.distill.l2 import L2Regularizer
-from olm_cli.distill.lwf import LwfDistiller
-from olm_cli.distill.registry import (
-    DISTILLERS,
-    REGULARIZERS,
-    build_distiller,
-    build_regularizer,
-)
-from olm_cli.distill.stored_logits import StoredLogitsDistiller
-from olm_cli.distill.teacher import TeacherDistiller
+
+# Everything else is imported on first use, so that reading a recipe (which only needs the
+# config classes) does not import torch: `olm train` with nothing to do must return at once.
+_LAZY = {
+    "DISTILLERS": "olm_cli.distill.registry",
+    "Distiller": "olm_cli.distill.base",
+    "EwcRegularizer": "olm_cli.distill.ewc",
+    "L2Regularizer": "olm_cli.distill.l2",
+    "LwfDistiller": "olm_cli.distill.lwf",
+    "REGULARIZERS": "olm_cli.distill.registry",
+    "Regularizer": "olm_cli.distill.base",
+    "StoredLogits": "olm_cli.distill.base",
+    "StoredLogitsDistiller": "olm_cli.distill.stored_logits",
+    "TeacherDistiller": "olm_cli.distill.teacher",
+    "build_distiller": "olm_cli.distill.registry",
+    "build_regularizer": "olm_cli.distill.registry",
+    "collate_stored": "olm_cli.distill.kd",
+    "estimate_fisher": "olm_cli.distill.ewc",
+    "kd_kl": "olm_cli.distill.kd",
+    "topk_kl": "olm_cli.distill.kd",
+    "topk_logits": "olm_cli.distill.kd",
+    "vocab_size": "olm_cli.distill.kd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "DISTILLERS",

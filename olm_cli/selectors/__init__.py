@@ -3,16 +3,38 @@
 One file per strategy; :data:`SELECTORS` maps the recipe's ``selector.name`` to its class.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from olm_cli.selectors.config import SelectorConfig
-from olm_cli.selectors.contract import Selection, Selector
-from olm_cli.selectors.coverage import CoverageSelector
-from olm_cli.selectors.diversity import DiversitySelector
-from olm_cli.selectors.entropy import EntropySelector
-from olm_cli.selectors.gradnorm import GradNormSelector
-from olm_cli.selectors.loss import LossSelector
-from olm_cli.selectors.registry import SELECTORS, build_selector
-from olm_cli.selectors.scoring import PoolScores, mean_token_entropy, score_pool
-from olm_cli.selectors.uniform import RandomSelector
+
+# Everything else is imported on first use, so that reading a recipe (which only needs the
+# config classes) does not import torch: `olm train` with nothing to do must return at once.
+_LAZY = {
+    "CoverageSelector": "olm_cli.selectors.coverage",
+    "DiversitySelector": "olm_cli.selectors.diversity",
+    "EntropySelector": "olm_cli.selectors.entropy",
+    "GradNormSelector": "olm_cli.selectors.gradnorm",
+    "LossSelector": "olm_cli.selectors.loss",
+    "PoolScores": "olm_cli.selectors.scoring",
+    "RandomSelector": "olm_cli.selectors.uniform",
+    "SELECTORS": "olm_cli.selectors.registry",
+    "Selection": "olm_cli.selectors.contract",
+    "Selector": "olm_cli.selectors.contract",
+    "build_selector": "olm_cli.selectors.registry",
+    "mean_token_entropy": "olm_cli.selectors.scoring",
+    "score_pool": "olm_cli.selectors.scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "SELECTORS",
