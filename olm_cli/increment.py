@@ -61,16 +61,18 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint / TRAINER_STATE}: unreadable trainer state ({exc})") from None
 
 
-def plan_increment(recipe: Recipe, say: Any = print) -> IncrementPlan:
+def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = True) -> IncrementPlan:
     """Decide what this invocation trains: the rest of an interrupted increment, or a new one.
 
     A new increment takes the data left over by the previous one (it stopped at its step budget
     inside a shard) plus the shards the ledger has not seen, validated up front so that bad files
-    are quarantined with a reason instead of failing halfway through training.
+    are quarantined with a reason instead of failing halfway through training. Under several
+    processes every rank plans (they reach the same answer); only the main one writes.
     """
     run_dir = Path(recipe.run.dir)
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
-    checkpoints.cleanup_temp()
+    if main_process:
+        checkpoints.cleanup_temp()
     choice = checkpoints.resolve_latest()
     for warning in choice.warnings:
         say(f"[yellow]warning:[/] {warning}")
@@ -122,7 +124,8 @@ def plan_increment(recipe: Recipe, say: Any = print) -> IncrementPlan:
             say(f"[yellow]quarantined:[/] {exc}")
             continue
         shards.append(path)
-    ledger.save()
+    if main_process:
+        ledger.save()
     plan.shards = shards
     return plan
 
@@ -140,7 +143,7 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
     try:
         if lock is not None and lock.stale_message:
             say(f"[yellow]warning:[/] {lock.stale_message}")
-        plan = plan_increment(recipe, say if is_main else (lambda *_: None))
+        plan = plan_increment(recipe, say if is_main else (lambda *_: None), main_process=is_main)
         if not plan.has_work:
             return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
         if is_main:
