@@ -224,6 +224,12 @@ class Trainer:
                 self.regularizer.begin_increment(unwrapped)
             if self.replay is not None and recipe.replay.seed_from and self.latest is None:
                 self._seed_replay()
+            if self.latest is None and recipe.eval.sets and recipe.eval.after_increment and self.accelerator.is_main_process:
+                # Row 0 of the continual-learning matrix: the model before any increment.
+                from olm_cli.evaluate import record_increment_eval
+
+                record_increment_eval(self.run_dir, recipe, unwrapped, self.tokenizer, increment=0, trained={},
+                                      step=self.global_step, console=self.console)
         self._set_lr()
 
     def _make_stream(self) -> BlockStream:
@@ -390,8 +396,9 @@ class Trainer:
                         "step": self.global_step, "increment": self.increment, "increment_step": self.step,
                         "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.total_tokens,
                         "tokens_per_s": step_tokens / max(seconds, 1e-9), "domain": domains.most_common(1)[0][0] if domains else None,
-                        "batch_size": len(samples), "micro_batch": plan.micro_batch, "replayed": len(replayed),
-                        "unselected": self.unselected, "time": time.time(),
+                        "batch_size": len(samples), "micro_batch": self.micro_batch_used, "replayed": len(replayed),
+                        "unselected": self.unselected, **{k: float(v) for k, v in selection.stats.items()},
+                        "time": time.time(),
                     })
                 if progress is not None:
                     progress.update(task, completed=self.step,
@@ -476,6 +483,7 @@ class Trainer:
                                 n = len(samples[index])
                                 new_logits.append(topk_logits(logits[row, :n].detach().float(), self.recipe.replay.store_logits_topk))
                 self.bad_steps = 0
+                self.micro_batch_used = micro_batch
                 return total, per_sample, (new_logits if keep_topk else None)
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
