@@ -317,6 +317,7 @@ class Trainer:
         recipe = self.recipe
         accelerator = self.accelerator
         model = self.model
+        self.loop_started = time.monotonic()
         with GracefulStop() as stop, self._progress() as progress:
             task = progress.add_task(f"increment {self.increment}", total=self.horizon, completed=self.step) if progress else None
             while not self._increment_done():
@@ -403,6 +404,8 @@ class Trainer:
                 if progress is not None:
                     progress.update(task, completed=self.step,
                                     description=f"increment {self.increment} loss {loss:.3f} lr {lr:.2e} {step_tokens / max(seconds, 1e-9):,.0f} tok/s")
+                elif self.step % max(1, self.horizon // 10) == 0 or self.step == 1:
+                    self._report_plain(loss, lr)
 
                 # checkpoint.
                 if self.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
@@ -414,6 +417,14 @@ class Trainer:
         for shard in self.stream.take_finished_shards():
             if shard in self.ledger:
                 self.ledger.mark_done(shard, 0, self.increment)
+
+    def _report_plain(self, loss: float, lr: float) -> None:
+        """Progress for logs (cron, systemd): a line every tenth of the increment."""
+        elapsed = time.monotonic() - self.loop_started
+        rate = self.tokens / max(elapsed, 1e-9)
+        eta = elapsed / self.step * (self.horizon - self.step) if self.step else 0.0
+        self._say(f"increment {self.increment} step {self.step}/{self.horizon} loss {loss:.4f} lr {lr:.2e} "
+                  f"{rate:,.0f} tok/s ETA {eta:,.0f}s")
 
     def _increment_done(self) -> bool:
         if self.step >= self.horizon:
