@@ -71,8 +71,7 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
         {"params": decay, "weight_decay": recipe.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # foreach=False keeps the update order fixed, which bit-identical resume relies on.
-    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps, foreach=False)
+    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
 
 
 # --------------------------------------------------------------------------- RNG state
