@@ -34,10 +34,17 @@ for _key, _value in OFFLINE.items():
     os.environ.setdefault(_key, _value)
 
 
+# The test models are tiny: one intra-op thread is faster than two, and far faster when other
+# processes compete for the cores (OpenMP threads spin waiting for each other). In-process runs
+# and subprocesses use the same count, so their floating-point results can be compared bit for bit.
+THREADS = 1
+
+
 def subprocess_env() -> dict[str, str]:
     # Wide COLUMNS: rich must not wrap the messages the tests look for.
     return {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO), "COLUMNS": "400",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(THREADS),
+            "MKL_NUM_THREADS": str(THREADS)}
 
 
 @dataclass
@@ -65,8 +72,10 @@ def cli(*args: str | Path) -> Result:
     argv = ["olm", *map(str, args)]
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, cli_module.console.width, cli_module.err_console.width
+    threads = torch.get_num_threads()
     cli_module.console.width = cli_module.err_console.width = 400
     sys.argv = argv
+    torch.set_num_threads(THREADS)
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -76,6 +85,7 @@ def cli(*args: str | Path) -> Result:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv, cli_module.console.width, cli_module.err_console.width = saved
+        torch.set_num_threads(threads)
     return Result(code, out.getvalue(), err.getvalue())
 
 

@@ -104,13 +104,14 @@ def _assert_same_run(run_dir: Path, ref: dict[str, Any], context: str) -> None:
 
 
 def _kill_point(trial: int, steps: int) -> tuple[str, float]:
-    """Trial 0 kills during setup, before any checkpoint exists (so even the tokenizer is trained
-    again); the others kill once ``metrics.jsonl`` reaches a seeded random step, which lands
-    mid-step, mid-checkpoint or between the two, wherever the child happens to be."""
+    """Trial 0 kills a seeded delay after the run took its lock: while it imports, builds the
+    model and trains the tokenizer, before any checkpoint exists. The others kill once
+    ``metrics.jsonl`` reaches a seeded random step, which lands mid-step, mid-checkpoint or
+    between the two, wherever the child happens to be (never so late that it may finish first)."""
     rng = random.Random(f"{KILL_SEED}-{trial}")
     if trial == 0:
-        return "setup", round(rng.uniform(0.0, 1.0), 2)
-    return "step", rng.randrange(2, steps)
+        return "setup", round(rng.uniform(0.0, 2.5), 2)
+    return "step", rng.randrange(2, steps - 3)
 
 
 @pytest.fixture(scope="module")
