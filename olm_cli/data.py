@@ -226,6 +226,16 @@ class BlockStream:
     def exhausted(self) -> bool:
         return self._shard_index >= len(self.shards) and not self._pending
 
+    def at_end(self) -> bool:
+        """True when no block is left; reads ahead (into pending blocks) to find out.
+
+        A step budget can end exactly on a shard's last kept block, before the reader has seen the
+        end of the file; this closes such a shard so the ledger can call it done.
+        """
+        if self._pending:
+            return False
+        return not self._refill()
+
     def take_finished_shards(self) -> list[str]:
         """Shards whose last block has been handed out since the previous call."""
         finished, self._finished_shards = self._finished_shards, []

@@ -190,6 +190,8 @@ class Trainer:
 
         if self.latest is not None:
             self._load_parts(self.latest)
+        # Metric lines written after the checkpoint we start from belong to lost work.
+        self._truncate_metrics(self.global_step)
         if self.resuming:
             self.step = int(self.state["step"])
             self.tokens = int(self.state["tokens"])
@@ -201,7 +203,6 @@ class Trainer:
                 # LwF's teacher is the model as it was when this increment began, not at resume.
                 start = self._increment_start_model() if recipe.distill.method == "lwf" else None
                 self.distiller.begin_increment(start if start is not None else self.accelerator.unwrap_model(self.model))
-            self._truncate_metrics(self.global_step)
         else:
             if self.carried_state is not None:
                 self.stream.load_state_dict(_rebase_stream_state(self.carried_state, self.shard_plan))
@@ -532,6 +533,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint / finish
 
     def _finish_increment(self) -> TrainOutcome:
+        self.stream.at_end()  # close a shard whose last block was the last one trained
         self._mark_finished_shards()
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.regularizer is not None:
