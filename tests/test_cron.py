@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from e2e_helpers import (
     add_shard,
     assert_bit_identical,
@@ -29,14 +28,7 @@ from e2e_helpers import (
     weights,
 )
 
-# Small shards, a few steps each. 6 documents would trip the "last block on a step boundary"
-# bug (test_increment_ending_exactly_on_a_step_boundary_marks_its_last_shard_done) in several
-# tests below; 8 does not with the tokenizers these tests train.
-DOCS = 8
-
-
-class WrongExitCode(AssertionError):
-    """Raised (instead of a plain assertion) where a known exit-code bug is expected."""
+DOCS = 8  # small shards: a few steps each
 
 
 def _train(recipe: Path, *overrides: str) -> dict[str, Any]:
@@ -198,9 +190,6 @@ def test_stale_lock_from_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     assert cli("status", "--run", run_dir, "--json").json()["lock"] is None
 
 
-@pytest.mark.xfail(strict=True, raises=WrongExitCode, reason=(
-    "cli bug: main() calls app(standalone_mode=False), which *returns* the code of "
-    "typer.Exit instead of raising it, and main() drops it: an interrupted run exits 0, not 143/130"))
 def test_sigterm_checkpoints_exits_143_and_the_next_run_finishes_identically(tmp_path: Path) -> None:
     shards = [("alpha", 0), ("beta", 0)]
     reference = tmp_path / "reference"
@@ -215,6 +204,7 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_finishes_identically(tmp
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     output = log.read_text()
+    assert proc.returncode == 143, output
     assert "stopped by signal" in output and "the next run continues" in output, output
     stopped = trainer_state(latest(run_dir))
     assert stopped["increment_complete"] is False
@@ -226,8 +216,6 @@ def test_sigterm_checkpoints_exits_143_and_the_next_run_finishes_identically(tmp
     assert (outcome["status"], outcome["increment"], outcome["steps"]) == ("increment_complete", 1, ref_outcome["steps"])
     assert_bit_identical(weights(latest(run_dir)), ref_weights)
     assert ledger_summary(run_dir) == ledger_summary(reference / "run")
-    if proc.returncode != 143:  # checked last so that everything above is verified regardless
-        raise WrongExitCode(f"SIGTERM: exit {proc.returncode}, expected 143\n{output}")
 
 
 def test_time_budget_stops_cleanly_and_the_next_run_continues(tmp_path: Path) -> None:
@@ -253,14 +241,12 @@ def test_time_budget_stops_cleanly_and_the_next_run_continues(tmp_path: Path) ->
     assert {s for s, _, _ in ledger_summary(run_dir).values()} == {"done"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: when the last block of the plan is handed out by a full step and the shard's "
-    "tail was too short to keep, the stream never reads past the shard's end, so "
-    "_finish_increment sees stream.exhausted False: the shard stays in_progress and the next "
-    "night runs an empty increment that marks it done under the wrong increment number"))
 def test_increment_ending_exactly_on_a_step_boundary_marks_its_last_shard_done(tmp_path: Path) -> None:
-    # min_block_tokens == block_size drops every shard tail; with one block per step the last
-    # step always takes exactly the last block. Nothing here depends on the tokenizer.
+    """Regression: the stream used to hand out a shard's last block without reading past its end,
+    so the shard stayed in_progress and the next night ran an empty increment to close it.
+
+    min_block_tokens == block_size drops every shard tail; with one block per step the last step
+    always takes exactly the last block. Nothing here depends on the tokenizer."""
     recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS,
                          data={"min_block_tokens": 32}, batch={"size": 1, "micro_batch": 1})
     run_dir = tmp_path / "run"

@@ -59,13 +59,6 @@ def _metric_rows(run_dir: Path) -> list[tuple[Any, ...]]:
     return [(r["step"], r["loss"], r["lr"], r["tokens"], r["domain"], r["replayed"]) for r in rows]
 
 
-def _last_row_per_step(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """What a reader that keeps the newest line per step sees. Duplicated steps left by a crash
-    before the first checkpoint are a known bug with its own test
-    (test_crash_before_first_checkpoint_leaves_no_duplicate_metric_lines)."""
-    return sorted({row[0]: row for row in rows}.values())
-
-
 def _train_until_complete(recipe: Path, max_runs: int = 4) -> list[dict[str, Any]]:
     """Re-invoke ``olm train`` the way cron would until the increment is reported complete."""
     outcomes = []
@@ -99,7 +92,7 @@ def _assert_same_run(run_dir: Path, ref: dict[str, Any], context: str) -> None:
     for key in ("increment", "increment_complete", "global_step", "total_tokens", "step", "tokens", "domain_tokens"):
         assert got["state"][key] == ref["state"][key], (context, key)
     # Metric lines written after the checkpoint a run resumed from are dropped and re-done.
-    assert _last_row_per_step(got["metrics"]) == ref["metrics"], context
+    assert got["metrics"] == ref["metrics"], context
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), context
 
 
@@ -208,10 +201,9 @@ def test_full_disk_during_checkpoint_keeps_previous_checkpoint(tmp_path: Path, m
     assert {status for status, _, _ in ledger_summary(run_dir).values()} == {"done"}
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: metrics.jsonl is truncated only when resuming an "
-                   "interrupted increment, so a crash before the increment's first checkpoint leaves its "
-                   "lines behind and the rerun writes the same steps again")
 def test_crash_before_first_checkpoint_leaves_no_duplicate_metric_lines(tmp_path: Path, monkeypatch) -> None:
+    """Regression: metrics.jsonl was truncated only when resuming an interrupted increment, so a
+    run that died before its first checkpoint left lines the rerun wrote again."""
     recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=8, run={"checkpoint_every": 3})
     run_dir = tmp_path / "run"
 
