@@ -484,7 +484,7 @@ class Trainer:
                         if self.regularizer is not None:
                             loss = loss + self.regularizer.penalty(accelerator.unwrap_model(self.model)) * (len(chunk) / len(mine))
                     if not torch.isfinite(loss):
-                        return self._bad_step(float(loss))
+                        return self._bad_step(float(loss.detach()))
                     accelerator.backward(loss)
                     total += float(loss.detach())
                     per_sample[chunk] = row_loss.detach().float().cpu().numpy()
