@@ -7,12 +7,20 @@ tests never touch the network and each training run takes a few seconds on a CPU
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
+# Tiny models run fastest on one thread, and a busy 2-core CI machine punishes oversubscription;
+# subprocesses started by the tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(1)
 
 WORDS = {
     "alpha": "the river runs past the old mill and the miller sings of bread flour wheat stone water".split(),
