@@ -575,6 +575,9 @@ class Trainer:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         path = self.checkpoints.root / f"step-{self.global_step:08d}"
+        # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
+        sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        self.full_state_dict = accelerator.get_state_dict(self.model) if sharded else None
         if accelerator.is_main_process:
             self.state_to_save = self._trainer_state(complete=complete)
             path = self.checkpoints.save(self.global_step, self._write_checkpoint,
@@ -606,7 +609,10 @@ class Trainer:
         from olm_cli.partial import model_for_save
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
+        if self.full_state_dict is not None:
+            unwrapped.save_pretrained(directory, state_dict=self.full_state_dict, safe_serialization=True)
+        else:
+            model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         with open(directory / "optimizer.pt", "wb") as handle:  # a plain OSError on a full disk
             torch.save(self.optimizer.state_dict(), handle)
