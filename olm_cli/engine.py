@@ -260,8 +260,8 @@ class Trainer:
         blocks = 0
         while chunk := counter.take(1024):
             blocks += len(chunk)
-        replay_share = round(self.recipe.replay.ratio * batch.size) if self.replay is not None else 0
-        per_step = max(1, batch.size - replay_share) * self.selector.pool_factor
+        new_share = 1.0 - (self.recipe.replay.ratio if self.replay is not None else 0.0)
+        per_step = max(1.0, batch.size * new_share) * self.selector.pool_factor
         return max(1, math.ceil(blocks / per_step))
 
     def _save_increment_start(self, model: torch.nn.Module) -> None:
@@ -308,8 +308,28 @@ class Trainer:
             blocks.extend(read_blocks(path, self.tokenizer, block_size=self.recipe.data.block_size, domain=domain))
             if len(blocks) >= cap:
                 break
-        seed_buffer(self.replay, blocks[:cap])
+        blocks = blocks[:cap]
+        k = self.recipe.replay.store_logits_topk
+        if k > 0:
+            # Stored-logits distillation needs the starting model's logits for the seed blocks too.
+            self._seed_with_logits(blocks, k)
+        else:
+            seed_buffer(self.replay, blocks)
         self._say(f"replay buffer warm-started with {min(len(blocks), cap)} blocks from replay.seed_from")
+
+    @torch.no_grad()
+    def _seed_with_logits(self, blocks: list[Block], k: int) -> None:
+        assert self.replay is not None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        size = self.recipe.batch.micro_batch
+        for i in range(0, len(blocks), size):
+            chunk = blocks[i : i + size]
+            batch = {n: t.to(self.accelerator.device) for n, t in collate([b.tokens for b in chunk], self.pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            self.replay.add(chunk, 0, logits=[topk_logits(logits[j, : len(b)].float(), k) for j, b in enumerate(chunk)])
+        model.train(was_training)
 
     # ------------------------------------------------------------------ the loop
 
@@ -436,7 +456,12 @@ class Trainer:
     def _replay_share(self, samples: int) -> int:
         if self.replay is None or len(self.replay) == 0 or self.recipe.replay.ratio <= 0:
             return 0
-        return min(samples - 1, max(0, round(self.recipe.replay.ratio * samples)), len(self.replay))
+        # Stochastic rounding keeps the long-run replay fraction equal to the ratio even when
+        # ratio * batch is below one (1% of 16 samples replays one sample every ~6 steps).
+        # numpy's global generator is checkpointed, so resumes draw the same shares.
+        exact = self.recipe.replay.ratio * samples
+        share = int(exact) + int(np.random.random() < exact - int(exact))
+        return min(samples - 1, share, len(self.replay))
 
     def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
         """Per-sample stored top-k logits (None for fresh samples), for DER-style distillation."""

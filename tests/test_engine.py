@@ -82,3 +82,32 @@ def test_matrix_gets_row_zero_and_a_row_per_increment(tmp_path: Path) -> None:
     assert matrix["trained_domain_per_row"] == [None, "alpha", "beta"]
     assert matrix["rows"][1][0] < matrix["rows"][0][0]  # training on alpha lowered alpha's loss
     assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "tensorboard tracker wrote no events"
+
+
+def test_small_replay_ratio_is_honoured_on_average(tmp_path: Path) -> None:
+    add_shard(tmp_path / "stream", "alpha", 0, docs=60)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, replay={"policy": "reservoir", "capacity": 64, "ratio": 0.05},
+                                          run={"max_steps": 40}))
+    run_increment(recipe)
+    rows = _metrics(tmp_path / "run")
+    replayed = sum(r["replayed"] for r in rows)
+    samples = sum(r["batch_size"] for r in rows)
+    # round(0.05 * 4) would be 0 every step; stochastic rounding replays ~5% of all samples
+    assert 0 < replayed < 0.15 * samples
+
+
+def test_warm_started_buffer_carries_stored_logits(tmp_path: Path) -> None:
+    old = add_shard(tmp_path / "old", "gamma", 0)
+    add_shard(tmp_path / "stream", "alpha", 0)
+    recipe = recipe_from_dict(tiny_recipe(
+        tmp_path,
+        replay={"policy": "reservoir", "capacity": 64, "ratio": 0.25, "seed_from": [str(old)], "seed_samples": 16},
+        distill={"method": "stored_logits", "topk": 4},
+        run={"max_steps": 3},
+    ))
+    run_increment(recipe)
+    from olm_cli.replay.inspect import find_buffer_dir, inspect_replay
+
+    report = inspect_replay(find_buffer_dir(tmp_path / "run"), as_json=False, console=None)
+    assert report["stored_logits"] == report["size"] > 16  # seed blocks and trained blocks alike
+    assert {d["name"] for d in report["by_domain"]} == {"gamma", "alpha"}
