@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import transformers
 
+from olm_cli.batching import StepStats
 from olm_cli.data import (
     BlockStream,
     discover_shards,
@@ -338,6 +339,7 @@ class Trainer:
         accelerator = self.accelerator
         model = self.model
         self.loop_started = time.monotonic()
+        first_step = self.step
         with GracefulStop() as stop, self._progress() as progress:
             task = progress.add_task(f"increment {self.increment}", total=self.horizon, completed=self.step) if progress else None
             while not self._increment_done():
@@ -345,7 +347,9 @@ class Trainer:
                     path = self._checkpoint(complete=False)
                     return TrainOutcome("interrupted", stop.exit_code, self.increment, self.step, self.tokens, str(path),
                                         f"stopped by signal {stop.signal}; checkpoint written, the next run continues")
-                if recipe.run.time_budget is not None and time.monotonic() - self.started >= recipe.run.time_budget:
+                # At least one step per invocation, so a budget shorter than start-up still progresses.
+                over_budget = recipe.run.time_budget is not None and time.monotonic() - self.started >= recipe.run.time_budget
+                if over_budget and self.step > first_step:
                     path = self._checkpoint(complete=False)
                     return TrainOutcome("time_budget", EXIT_OK, self.increment, self.step, self.tokens, str(path),
                                         "time budget reached; checkpoint written, the next run continues")
@@ -388,50 +392,57 @@ class Trainer:
                 self.global_step += 1
                 self._set_lr()
 
-                # replay bookkeeping: this step's losses become priorities, no second forward.
-                step_tokens = int(sum(len(s) for s in samples))
-                self.tokens += step_tokens
-                self.total_tokens += step_tokens
-                if self.replay is not None:
-                    scores = selection.scores[selection.indices] if selection.scores is not None else per_sample[: len(new_blocks)]
-                    self.replay.add(new_blocks, self.global_step, scores=[float(s) for s in scores], logits=new_logits)
-                    if replayed:
-                        self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[len(new_blocks) :]])
-                for block in new_blocks:
-                    self.domain_tokens[block.domain] += len(block)
-                    if block.shard in self.ledger:
-                        self.ledger.add_tokens(block.shard, len(block))
-                self._mark_finished_shards()
-
-                from olm_cli.batching import StepStats
-
+                # bookkeeping, observe, log.
                 seconds = time.perf_counter() - t0
+                step_tokens = self._bookkeep(new_blocks, replayed, selection, per_sample, new_logits)
                 self.policy.observe(StepStats(loss=loss, grad_norm=grad_norm, samples=len(samples), tokens=step_tokens,
                                               seconds=seconds, pool_mean_entropy=selection.stats.get("pool_mean_entropy")))
-
-                # log.
-                lr = self.optimizer.param_groups[0]["lr"]
-                if self.step % recipe.run.log_every == 0:
-                    domains = Counter(b.domain for b in new_blocks)
-                    self._log({
-                        "step": self.global_step, "increment": self.increment, "increment_step": self.step,
-                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.total_tokens,
-                        "tokens_per_s": step_tokens / max(seconds, 1e-9), "domain": domains.most_common(1)[0][0] if domains else None,
-                        "batch_size": len(samples), "micro_batch": self.micro_batch_used, "replayed": len(replayed),
-                        "unselected": self.unselected, **{k: float(v) for k, v in selection.stats.items()},
-                        "time": time.time(),
-                    })
-                if progress is not None:
-                    progress.update(task, completed=self.step,
-                                    description=f"increment {self.increment} loss {loss:.3f} lr {lr:.2e} {step_tokens / max(seconds, 1e-9):,.0f} tok/s")
-                elif self.step % max(1, self.horizon // 10) == 0 or self.step == 1:
-                    self._report_plain(loss, lr)
+                self._log_step(loss, grad_norm, step_tokens, seconds, new_blocks, replayed, selection, progress, task)
 
                 # checkpoint.
                 if self.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
                     self._checkpoint(complete=False)
 
         return self._finish_increment()
+
+    def _bookkeep(self, new_blocks: list[Block], replayed: list[Any], selection: Any, per_sample: np.ndarray,
+                  new_logits: list[tuple[np.ndarray, np.ndarray]] | None) -> int:
+        """Replay insertion and re-scoring (this step's losses, no second forward), ledger counts."""
+        step_tokens = sum(len(b) for b in new_blocks) + sum(len(r.tokens) for r in replayed)
+        self.tokens += step_tokens
+        self.total_tokens += step_tokens
+        if self.replay is not None:
+            n = len(new_blocks)
+            scores = selection.scores[selection.indices] if selection.scores is not None else per_sample[:n]
+            self.replay.add(new_blocks, self.global_step, scores=[float(s) for s in scores], logits=new_logits)
+            if replayed:
+                self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[n:]])
+        for block in new_blocks:
+            self.domain_tokens[block.domain] += len(block)
+            if block.shard in self.ledger:
+                self.ledger.add_tokens(block.shard, len(block))
+        self._mark_finished_shards()
+        return step_tokens
+
+    def _log_step(self, loss: float, grad_norm: float, step_tokens: int, seconds: float, new_blocks: list[Block],
+                  replayed: list[Any], selection: Any, progress: Any, task: Any) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        rate = step_tokens / max(seconds, 1e-9)
+        if self.step % self.recipe.run.log_every == 0:
+            domains = Counter(b.domain for b in new_blocks)
+            self._log({
+                "step": self.global_step, "increment": self.increment, "increment_step": self.step,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.total_tokens, "tokens_per_s": rate,
+                "domain": domains.most_common(1)[0][0] if domains else None,
+                "batch_size": len(new_blocks) + len(replayed), "micro_batch": self.micro_batch_used,
+                "replayed": len(replayed), "unselected": self.unselected,
+                **{k: float(v) for k, v in selection.stats.items()}, "time": time.time(),
+            })
+        if progress is not None:
+            progress.update(task, completed=self.step,
+                            description=f"increment {self.increment} loss {loss:.3f} lr {lr:.2e} {rate:,.0f} tok/s")
+        elif self.step % max(1, self.horizon // 10) == 0 or self.step == 1:
+            self._report_plain(loss, lr)
 
     def _mark_finished_shards(self) -> None:
         for shard in self.stream.take_finished_shards():

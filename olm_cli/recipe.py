@@ -133,7 +133,7 @@ class RunConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps per increment (also the schedule horizon). Unset with max_tokens unset: one pass over the planned shards, counted before training.")
     max_tokens: int | None = Field(None, gt=0, description="Training tokens per increment; converted to steps with the batch size.")
     max_shards_per_increment: int | None = Field(None, gt=0, description="Cap on shards one invocation consumes.")
-    time_budget: float | None = Field(None, gt=0, description="Seconds; stop at a step boundary after this, checkpoint, and continue next time.")
+    time_budget: float | None = Field(None, gt=0, description="Seconds from the start of the invocation; stop at the next step boundary after it (at least one step is trained), checkpoint, and continue next time.")
     retrain_changed: bool = Field(False, description="Re-train shards whose content changed after they were trained.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (Accelerate).")
     checkpoint_every: int = Field(200, gt=0, description="Steps between checkpoints (one is always written at the end of an increment).")
