@@ -437,6 +437,7 @@ class Trainer:
                 "batch_size": len(new_blocks) + len(replayed), "micro_batch": self.micro_batch_used,
                 "replayed": len(replayed), "unselected": self.unselected,
                 **{k: float(v) for k, v in selection.stats.items()}, "time": time.time(),
+                "cpu_time": time.process_time(),
             })
         if progress is not None:
             progress.update(task, completed=self.step,
@@ -458,9 +459,12 @@ class Trainer:
                   f"{rate:,.0f} tok/s ETA {eta:,.0f}s")
 
     def _increment_done(self) -> bool:
-        if self.step >= self.horizon:
+        run = self.recipe.run
+        if run.max_tokens is not None and self.tokens >= run.max_tokens:
             return True
-        if self.recipe.run.max_tokens is not None and self.tokens >= self.recipe.run.max_tokens:
+        # A token budget alone is a token budget: its step count only shapes the schedule.
+        token_budget_only = run.max_tokens is not None and run.max_steps is None
+        if self.step >= self.horizon and not token_budget_only:
             return True
         return self.stream.exhausted
 

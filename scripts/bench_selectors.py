@@ -90,6 +90,7 @@ class Sizes:
     budget_tokens: int
     lr: float
     warmup_steps: int
+    score_tokens: int | None = None  # selector.score_tokens for the scored selectors
 
 
 FULL = Sizes(
@@ -267,7 +268,11 @@ def recipe_dict(
             "block_size": sizes.block_size,
             "domain_from": "field",
         },
-        "selector": {"name": contender.selector, "pool_factor": contender.pool_factor},
+        "selector": {
+            "name": contender.selector,
+            "pool_factor": contender.pool_factor,
+            **({"score_tokens": sizes.score_tokens} if sizes.score_tokens and contender.selector != "random" else {}),
+        },
         "batch": {"size": sizes.batch, "micro_batch": sizes.batch},
         "optim": {"lr": sizes.lr, "warmup_steps": sizes.warmup_steps, "schedule": "cosine"},
         "run": {
@@ -283,31 +288,10 @@ def recipe_dict(
     }
 
 
-def _log_cpu_time() -> None:
-    """Add the process's CPU time to every metrics row the engine writes.
-
-    Wall time is what the issue asks for, but on shared cores it also counts other people's
-    jobs; CPU time (with one torch thread, so no spinning peers) is the contention-free
-    cross-check. Only the row gains a field: the engine's behaviour is unchanged.
-    """
-    from olm_cli.engine import Trainer
-
-    if getattr(Trainer._log, "_bench_cpu", False):
-        return
-    original = Trainer._log
-
-    def log(self: Any, row: dict[str, Any]) -> None:
-        original(self, {**row, "cpu_time": time.process_time()})
-
-    log._bench_cpu = True  # type: ignore[attr-defined]
-    Trainer._log = log  # type: ignore[method-assign]
-
-
 def train(recipe: dict[str, Any]) -> tuple[Any, list[dict[str, Any]], float]:
     """One ``olm train``: the outcome, its metrics rows and the wall time of the whole call."""
     from olm_cli.increment import run_increment
 
-    _log_cpu_time()
     started = time.perf_counter()
     outcome = run_increment(recipe_from_dict(recipe))
     wall = time.perf_counter() - started
@@ -539,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: on shared cores a second thread mostly waits)",
     )
     parser.add_argument(
+        "--score-tokens",
+        type=int,
+        default=None,
+        help="score candidates on their first N tokens only (selector.score_tokens; default: whole block)",
+    )
+    parser.add_argument(
         "--skip", choices=["cost", "quality"], action="append", default=[], help="skip a part"
     )
     parser.add_argument(
@@ -553,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = Sizes(**{**sizes.__dict__, "budget_tokens": args.budget_tokens})
     if args.cost_steps:
         sizes = Sizes(**{**sizes.__dict__, "cost_steps": args.cost_steps})
+    if args.score_tokens:
+        sizes = Sizes(**{**sizes.__dict__, "score_tokens": args.score_tokens})
     torch.set_num_threads(args.threads)
     args.rounds = args.rounds or (1 if args.smoke else 3)
     args.seeds = args.seeds or (1 if args.smoke else 2)

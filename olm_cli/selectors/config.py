@@ -92,6 +92,15 @@ class SelectorConfig(Section):
             "so this can usually exceed the training micro-batch."
         ),
     )
+    score_tokens: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "Score each candidate on its first score_tokens tokens only (null: the whole "
+            "block). The scoring pass costs about score_tokens / block_size of a full one; "
+            "the scores are estimates from the prefix."
+        ),
+    )
 
     @model_validator(mode="after")
     def _threshold_needs_value(self) -> SelectorConfig:

@@ -55,6 +55,7 @@ class CoverageSelector:
     def __init__(self, cfg: SelectorConfig, seed: int) -> None:
         self.pool_factor = cfg.pool_factor
         self.score_micro_batch = cfg.score_micro_batch
+        self.score_tokens = cfg.score_tokens
         self.num_clusters = cfg.num_clusters
         self.decay = cfg.cluster_decay
         self.chooser = ScoreChooser(cfg, seed)
@@ -105,7 +106,7 @@ class CoverageSelector:
     def select(
         self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int
     ) -> Selection:
-        pool = score_pool(model, blocks, pad_id, self.score_micro_batch)
+        pool = score_pool(model, blocks, pad_id, self.score_micro_batch, self.score_tokens)
         if len(pool) == 0:
             return self.chooser.package(np.zeros(0), [], pool)
         x = unit_rows(pool.embeddings)

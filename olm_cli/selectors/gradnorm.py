@@ -28,12 +28,13 @@ class GradNormSelector:
     def __init__(self, cfg: SelectorConfig, seed: int) -> None:
         self.pool_factor = cfg.pool_factor
         self.score_micro_batch = cfg.score_micro_batch
+        self.score_tokens = cfg.score_tokens
         self.chooser = ScoreChooser(cfg, seed)
 
     def select(
         self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int
     ) -> Selection:
-        pool = score_pool(model, blocks, pad_id, self.score_micro_batch)
+        pool = score_pool(model, blocks, pad_id, self.score_micro_batch, self.score_tokens)
         return self.chooser.selection(pool.gradnorm, k, pool)
 
     def state_dict(self) -> dict[str, Any]:

@@ -92,9 +92,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def score_pool(
-    model: torch.nn.Module, blocks: Sequence[Block], pad_id: int, micro_batch: int
+    model: torch.nn.Module,
+    blocks: Sequence[Block],
+    pad_id: int,
+    micro_batch: int,
+    max_tokens: int | None = None,
 ) -> PoolScores:
     """Run the pool through ``model`` once, without gradients, and measure every candidate.
+
+    With ``max_tokens`` each candidate is scored on its first ``max_tokens`` tokens only: the
+    forward costs about ``max_tokens / block_size`` of a full one, and a prefix's loss, entropy
+    and embedding estimate the block's (documents are packed, so a prefix is ordinary text).
 
     The model's train/eval mode is restored afterwards, so dropout-free scoring does not leak
     into training. On CUDA the forward runs under bf16 autocast; the maths on its outputs is
@@ -117,8 +125,8 @@ def score_pool(
     try:
         with torch.inference_mode(), autocast:
             for start in range(0, n, micro_batch):
-                chunk = blocks[start : start + micro_batch]
-                batch = collate([b.tokens for b in chunk], pad_id)
+                chunk = [b.tokens[:max_tokens] for b in blocks[start : start + micro_batch]]
+                batch = collate(chunk, pad_id)
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
                 out = model(
@@ -134,8 +142,8 @@ def score_pool(
                 pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
                 embeddings[start : start + len(chunk)] = pooled.float().cpu().numpy()
                 rows, measured = [], []
-                for row, block in enumerate(chunk):
-                    length = len(block)
+                for row, row_tokens in enumerate(chunk):
+                    length = int(row_tokens.shape[0])
                     tokens[start + row] = max(length - 1, 0)
                     if length < 2:
                         continue  # nothing to predict: all scores stay 0
