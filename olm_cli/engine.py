@@ -72,7 +72,9 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
         {"params": decay, "weight_decay": recipe.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps)
+    # The fused kernel (CPU and CUDA) does the whole update in one pass per group.
+    fused = all(p.is_floating_point() for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps, fused=fused)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -507,7 +509,7 @@ class Trainer:
                     batch = {k: v.to(accelerator.device) for k, v in collate([samples[i] for i in chunk], self.pad_id).items()}
                     sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else _nullcontext()
                     with sync, accelerator.autocast():
-                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
                         row_loss, _ = per_sample_loss(logits, batch["labels"])
                         w = torch.as_tensor(weights[chunk], dtype=row_loss.dtype, device=row_loss.device)
                         ce = (row_loss * w).sum() / norm

@@ -43,7 +43,7 @@ def make_data(root: Path) -> Path:
 
     out = root / "demo"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_demo_data.py"), "--out", str(out),
-                    "--offline-only", "--shards-per-domain", "2", "--shard-kb", "120"],
+                    "--offline-only", "--shards-per-domain", "3", "--shard-kb", "140"],
                    check=True, stdout=subprocess.DEVNULL)
     return out / "train"
 
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
@@ -144,7 +144,8 @@ def main() -> None:
         tokenizer.save_pretrained(root / "tokenizer")
         stream = BlockStream(shards, tokenizer, block_size=args.block_size,
                              domain_pattern=r"(?:\d+-)?(?P<domain>[^/]+)/[^/]+$")
-        blocks = [b for b in stream.take(args.steps * args.batch) if len(b) == args.block_size]
+        wanted = args.steps * args.batch
+        blocks = [b for b in stream.take(2 * wanted) if len(b) == args.block_size][:wanted]
         if len(blocks) < args.steps * args.batch:
             raise SystemExit(f"not enough data: {len(blocks)} blocks for {args.steps} steps")
         pad_id = int(tokenizer.pad_token_id)
@@ -152,12 +153,18 @@ def main() -> None:
                    for i in range(0, args.steps * args.batch, args.batch)]
         results: dict[str, list[float]] = {"olm": [], "bare": [], "hf_trainer": []}
         global CURRENT_RECIPE
+        contenders = {
+            "bare": lambda r: bench_bare(make_model(CURRENT_RECIPE, tokenizer), batches, args),
+            "olm": lambda r: bench_olm(CURRENT_RECIPE, args),
+            "hf_trainer": lambda r: bench_hf_trainer(make_model(CURRENT_RECIPE, tokenizer), blocks, args,
+                                                     root / f"hf{r}", pad_id),
+        }
+        order = list(contenders)
         for r in range(args.rounds):
             CURRENT_RECIPE = recipe_dict(str(train_dir), root / "tokenizer", root / f"run{r}", args)
-            results["bare"].append(bench_bare(make_model(CURRENT_RECIPE, tokenizer), batches, args))
-            results["olm"].append(bench_olm(CURRENT_RECIPE, args))
-            results["hf_trainer"].append(bench_hf_trainer(make_model(CURRENT_RECIPE, tokenizer), blocks, args,
-                                                          root / f"hf{r}", pad_id))
+            # Rotate who goes first, so warm-up and drift effects hit every contender alike.
+            for name in order[r % 3:] + order[: r % 3]:
+                results[name].append(contenders[name](r))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()), flush=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -165,9 +172,9 @@ def main() -> None:
     print()
     print(f"model {params / 1e6:.1f}M params, batch {args.batch} x {args.block_size} tokens, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds, torch threads {torch.get_num_threads()}")
-    print(f"{'loop':<12}{'tokens/s (median)':>20}{'all rounds':>36}")
+    print(f"{'loop':<12}{'tokens/s (median)':>20}    all rounds")
     for name, values in results.items():
-        print(f"{name:<12}{med[name]:>20,.0f}{'  '.join(f'{v:,.0f}' for v in values):>36}")
+        print(f"{name:<12}{med[name]:>20,.0f}    {'  '.join(f'{v:,.0f}' for v in values)}")
     print()
     print(f"olm / bare loop  = {med['olm'] / med['bare']:.3f}   (target >= 0.95)")
     print(f"olm / HF Trainer = {med['olm'] / med['hf_trainer']:.3f}   (target >= 1.05)")
