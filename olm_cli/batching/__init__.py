@@ -5,10 +5,8 @@ One file per policy; :data:`BATCH_POLICIES` maps the recipe's ``batch.policy`` t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from olm_cli.batching.config import BatchConfig
+from olm_cli.lazy import lazy_getattr
 
 # Everything else is imported on first use, so that reading a recipe (which only needs the
 # config classes) does not import torch: `olm train` with nothing to do must return at once.
@@ -28,12 +26,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = [
     "BATCH_POLICIES",

@@ -5,9 +5,7 @@ One file per strategy; :data:`SELECTORS` maps the recipe's ``selector.name`` to 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from olm_cli.lazy import lazy_getattr
 from olm_cli.selectors.config import SelectorConfig
 
 # Everything else is imported on first use, so that reading a recipe (which only needs the
@@ -29,12 +27,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = [
     "SELECTORS",

@@ -6,40 +6,11 @@ replay priority.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import torch
-
-from olm_cli.samples import Block
-from olm_cli.selectors.choice import ScoreChooser
-from olm_cli.selectors.config import SelectorConfig
-from olm_cli.selectors.contract import Selection
-from olm_cli.selectors.scoring import score_pool
-from olm_cli.selectors.state import check_state_name
+from olm_cli.selectors.pool_score import PoolScoreSelector
 
 
-class LossSelector:
+class LossSelector(PoolScoreSelector):
     """Ranks the pool by ``PoolScores.loss`` under the configured mode."""
 
     name = "loss"
-    needs_model = True
-
-    def __init__(self, cfg: SelectorConfig, seed: int) -> None:
-        self.pool_factor = cfg.pool_factor
-        self.score_micro_batch = cfg.score_micro_batch
-        self.score_tokens = cfg.score_tokens
-        self.chooser = ScoreChooser(cfg, seed)
-
-    def select(
-        self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int
-    ) -> Selection:
-        pool = score_pool(model, blocks, pad_id, self.score_micro_batch, self.score_tokens)
-        return self.chooser.selection(pool.loss, k, pool)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.chooser.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_name(self.name, state)
-        self.chooser.load_state_dict(state)
+    score_field = "loss"
