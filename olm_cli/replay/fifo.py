@@ -58,4 +58,8 @@ class FifoPolicy:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         live = self.table.live_slots()
-        self.order.rebuild(live[np.argsort(self.table.id[live], kind="stable")])
+        self.order.rebuild(live[np.argsort(self.recency(live), kind="stable")])
+
+    def recency(self, slots: np.ndarray) -> np.ndarray:
+        """The eviction order's key (oldest first): the insertion id."""
+        return self.table.id[slots]
