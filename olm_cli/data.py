@@ -214,6 +214,9 @@ class BlockStream:
         self._shard_index = 0
         self._dataset: Any = None
         self._iterator: Iterator[dict[str, Any]] | None = None
+        # datasets resets an iterator's reported state until it yields again; until then the
+        # position is the one we loaded (a checkpoint taken right after a resume needs it).
+        self._loaded_dataset_state: dict[str, Any] | None = None
         self._packer = _Packer(block_size, self._eos)
         self._pending: list[Block] = []
         self._finished_shards: list[str] = []
@@ -259,6 +262,7 @@ class BlockStream:
             self._finished_shards.append(self._finished_pending.pop(0))
 
     def _open_current(self) -> None:
+        self._loaded_dataset_state = None
         path = self.shards[self._shard_index]
         self._dataset = _load_streaming(path, shard_format(path, self.fmt))
         self._iterator = iter(self._dataset)
@@ -274,6 +278,7 @@ class BlockStream:
             assert self._iterator is not None
             try:
                 record = next(self._iterator)
+                self._loaded_dataset_state = None
             except StopIteration:
                 domain = self._path_domain(path)
                 for block_domain, tokens in self._packer.flush(self.min_block_tokens):
@@ -319,13 +324,20 @@ class BlockStream:
         return {
             "shards": [str(s) for s in self.shards],
             "shard_index": self._shard_index,
-            "dataset_state": self._dataset.state_dict() if self._dataset is not None else None,
+            "dataset_state": self._dataset_position(),
             "carry": {k: list(v) for k, v in self._packer.carry.items()},
             "pending": [
                 {"tokens": b.tokens.tolist(), "shard": b.shard, "domain": b.domain} for b in self._pending
             ],
             "finished_pending": list(self._finished_pending),
         }
+
+    def _dataset_position(self) -> dict[str, Any] | None:
+        if self._dataset is None:
+            return None
+        if self._loaded_dataset_state is not None:
+            return self._loaded_dataset_state
+        return self._dataset.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if [str(s) for s in self.shards] != list(state["shards"]):
@@ -342,6 +354,7 @@ class BlockStream:
             self._open_current()
             self._dataset.load_state_dict(state["dataset_state"])
             self._iterator = iter(self._dataset)
+            self._loaded_dataset_state = state["dataset_state"]
 
 
 def read_blocks(

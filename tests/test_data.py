@@ -108,3 +108,21 @@ def test_read_blocks_caps_tokens(tmp_path: Path, tokenizer) -> None:
     blocks = read_blocks(path, tokenizer, block_size=16, max_tokens=100, domain="gamma")
     assert 100 <= sum(len(b) for b in blocks) < 100 + 16 * 16
     assert {b.domain for b in blocks} == {"gamma"}
+
+
+def test_state_taken_right_after_a_resume_keeps_the_position(tmp_path: Path, tokenizer) -> None:
+    # A checkpoint can be written before the resumed reader yields again (blocks were pending);
+    # its position must still be the resumed one, not the start of the shard.
+    shard = write_jsonl(tmp_path / "00-alpha" / "s.jsonl", make_documents("alpha", 200, 5))
+    full = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    reference = [blk.tokens.tolist() for blk in full.take(100_000)]
+    first = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    head = [blk.tokens.tolist() for blk in first.take(len(reference) // 2)]
+    state = json.loads(json.dumps(first.state_dict()))
+    second = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    second.load_state_dict(state)
+    again = json.loads(json.dumps(second.state_dict()))  # before reading anything
+    assert again == state
+    third = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    third.load_state_dict(again)
+    assert head + [blk.tokens.tolist() for blk in third.take(100_000)] == reference
