@@ -37,8 +37,12 @@ def run_dir(tmp_path: Path) -> Path:
         "".join(json.dumps({"step": s, "loss": 3.0 - s / 100}) + "\n" for s in range(1, 41))
     )
     (run / "eval").mkdir()
-    (run / "eval" / "history.jsonl").write_text(json.dumps({"step": 40, "ppl": 12.5}) + "\n")
+    (run / "eval" / "history.jsonl").write_text(json.dumps(EVAL_ROW) + "\n")
     return run
+
+# What the engine appends to eval/history.jsonl after an increment.
+EVAL_ROW = {"increment": 2, "step": 40, "trained": "code",
+            "domains": {"code": {"loss": 2.5, "perplexity": 12.18, "tokens": 100}}}
 
 
 def test_collect_status(run_dir: Path):
@@ -49,7 +53,7 @@ def test_collect_status(run_dir: Path):
     assert status["last_checkpoint"]["step"] == 40
     assert status["last_checkpoint"]["path"].endswith("step-00000040")
     assert status["last_checkpoint"]["created"]
-    assert status["last_eval"] == {"step": 40, "ppl": 12.5}
+    assert status["last_eval"] == EVAL_ROW
     assert status["last_metrics"] == {"step": 40, "loss": 2.6}
     assert status["lock"] is None
     assert status["problems"] == []
@@ -90,7 +94,7 @@ def test_render_status(run_dir: Path):
     text = buffer.getvalue()
     assert "idle" in text and "step 40" in text
     assert "done 2" in text and "pending 1" in text and "1,000" in text
-    assert "ppl=12.5" in text
+    assert "after increment 2 (step 40)" in text and "code 2.5000" in text
 
 
 def test_last_json_line_skips_torn_tail_and_reads_long_files(tmp_path: Path):

@@ -133,11 +133,21 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         "last checkpoint",
         f"step {ckpt['step']} ({ckpt['created']})\n{ckpt['path']}" if ckpt else "none",
     )
-    for key, label in (("last_eval", "last eval"), ("last_metrics", "last metrics")):
-        value = status.get(key)
-        table.add_row(
-            label, "  ".join(f"{k}={_fmt(v)}" for k, v in value.items()) if value else "none"
+    evaluation = status.get("last_eval")
+    if evaluation:
+        losses = "  ".join(
+            f"{name} {r['loss']:.4f}" for name, r in evaluation.get("domains", {}).items()
         )
+        when = f"after increment {evaluation.get('increment')} (step {evaluation.get('step')})"
+        table.add_row("last eval", f"{when}\nloss: {losses}")
+    else:
+        table.add_row("last eval", "none")
+    metrics = status.get("last_metrics")
+    shown = ("step", "increment", "loss", "lr", "tokens", "tokens_per_s", "domain", "batch_size")
+    table.add_row(
+        "last metrics",
+        "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics) if metrics else "none",
+    )
     console.print(table)
     for problem in status.get("problems", []):
         console.print(f"[red]problem:[/] {problem}", highlight=False)
