@@ -14,6 +14,7 @@ continue lives in the checkpoint, so a run killed at any moment resumes bit-iden
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -507,7 +508,7 @@ class Trainer:
                 chunks = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
                 for c, chunk in enumerate(chunks):
                     batch = {k: v.to(accelerator.device) for k, v in collate([samples[i] for i in chunk], self.pad_id).items()}
-                    sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else _nullcontext()
+                    sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else contextlib.nullcontext()
                     with sync, accelerator.autocast():
                         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
                         row_loss, _ = per_sample_loss(logits, batch["labels"])
@@ -725,7 +726,7 @@ class Trainer:
         show = (self.recipe.run.progress and self.console is not None and self.console.is_terminal
                 and self.accelerator.is_main_process)
         if not show:
-            return _nullcontext(None)
+            return contextlib.nullcontext(None)
         return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
 
@@ -733,17 +734,6 @@ class Trainer:
         accelerator = getattr(self, "accelerator", None)
         if self.console is not None and (accelerator is None or accelerator.is_main_process):
             self.console.print(message)
-
-
-class _nullcontext:
-    def __init__(self, value: Any = None) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _safe_domain(path: Path, pattern: str) -> str:
