@@ -50,7 +50,7 @@ class ReplayConfig(Section):
         lt=1.0,
         description=(
             "Fraction of each training batch drawn from the buffer: the engine replays "
-            "round(ratio * batch_size) samples per step. Must be below 1 so that every step "
+            "ratio * batch_size samples per step on average (stochastic rounding, so small ratios still replay). Must be below 1 so that every step "
             "still sees new data."
         ),
     )
