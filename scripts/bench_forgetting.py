@@ -163,15 +163,16 @@ def variant_recipe(base: dict[str, Any], variant: Variant, *, run_dir: Path, sha
     return recipe
 
 
-def replayed_per_step(ratio: float, batch: int) -> int:
-    """What the engine replays per step (``Trainer._replay_share``): round(ratio * batch)."""
-    return min(batch - 1, max(0, round(ratio * batch))) if ratio > 0 else 0
+def replayed_per_step(ratio: float, batch: int) -> float:
+    """What the engine replays per step on average (``Trainer._replay_share`` rounds
+    ``ratio * batch`` stochastically, so the mean is exact)."""
+    return min(batch - 1.0, ratio * batch) if ratio > 0 else 0.0
 
 
 def new_token_budget(domain_tokens: int, ratio: float, batch: int, block: int) -> int:
     """New-data tokens a compute-equivalent replay run can train on in naive's step count."""
     steps = math.ceil(math.ceil(domain_tokens / block) / batch)
-    return steps * (batch - replayed_per_step(ratio, batch)) * block
+    return round(steps * (batch - replayed_per_step(ratio, batch)) * block)
 
 
 # ---------------------------------------------------------------------------- data
@@ -609,10 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(agg, bench.domains, targets)
     minutes = (time.perf_counter() - started) / 60
     print(f"total {minutes:.1f} min")
-    notes = []
-    if "replay1" in names and replayed_per_step(0.01, settings["batch"]) == 0:
-        notes.append(f"replay 1% replays round(0.01 * {settings['batch']}) = 0 samples per step: the engine rounds "
-                     "the replay share to an integer, so at this batch size it trains exactly like naive.")
+    notes: list[str] = []
     command = "python scripts/bench_forgetting.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "date": date.today().isoformat(), "minutes": minutes, "seeds": seeds,
             "settings": settings, "variants": names, "notes": notes}

@@ -59,10 +59,12 @@ def test_set_dotted(bench) -> None:
 
 
 def test_replay_share_and_compute_equivalent_budget(bench) -> None:
-    assert bench.replayed_per_step(0.01, 16) == 0  # rounds to nothing: replay 1% == naive at batch 16
-    assert bench.replayed_per_step(0.05, 16) == 1
+    # the engine rounds ratio * batch stochastically, so the mean share is exact
+    assert bench.replayed_per_step(0.01, 16) == pytest.approx(0.16)
+    assert bench.replayed_per_step(0.05, 16) == pytest.approx(0.8)
     assert bench.replayed_per_step(0.25, 16) == 4
     assert bench.replayed_per_step(0.5, 16) == 8
+    assert bench.new_token_budget(100 * 128, 0.05, 16, 128) == round(7 * 15.2 * 128)
     # 100 blocks of 128 tokens at batch 16 -> 7 naive steps; 25% replay leaves 12 new rows a step.
     assert bench.new_token_budget(100 * 128, 0.25, 16, 128) == 7 * 12 * 128
     assert bench.new_token_budget(100 * 128, 0.0, 16, 128) == 7 * 16 * 128
