@@ -47,10 +47,10 @@ def evaluate_domains(
             nll, count = 0.0, 0
             for i in range(0, len(blocks), batch_size):
                 batch = {k: v.to(device) for k, v in collate([b.tokens for b in blocks[i : i + batch_size]], pad_id).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["labels"][:, 1:]
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
                 loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                    logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                     ignore_index=-100, reduction="sum",
                 )
                 nll += float(loss)
