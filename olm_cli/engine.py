@@ -465,9 +465,10 @@ class Trainer:
         run = self.recipe.run
         if run.max_tokens is not None and self.tokens >= run.max_tokens:
             return True
-        # A token budget alone is a token budget: its step count only shapes the schedule.
-        token_budget_only = run.max_tokens is not None and run.max_steps is None
-        if self.step >= self.horizon and not token_budget_only:
+        # Only max_steps ends an increment by step count. A token budget, or one pass over the
+        # new shards, uses its step estimate for the schedule alone (past it the learning rate
+        # stays at its floor), so no leftover blocks are carried into an otherwise empty night.
+        if run.max_steps is not None and self.step >= self.horizon:
             return True
         return self.stream.exhausted
 

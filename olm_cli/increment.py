@@ -108,7 +108,9 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
     for entry in scan.missing:
         say(f"[yellow]warning:[/] {entry.path} is queued but its file is gone")
 
-    carried_set = {str(p) for p in carried_shards}
+    # Every shard the carried position has opened is the stream's business: its unread part is
+    # in carried_shards, its read-but-untrained blocks are pending. Never plan it afresh.
+    carried_set = {str(p) for p in carried["shards"]} if plan.carried_state else set()
     limit = recipe.run.max_shards_per_increment
     shards: list[Path] = list(carried_shards)
     for entry in ledger.plan(None):
