@@ -8,6 +8,7 @@ reports *all* problems at once, each with its YAML path and a did-you-mean hint 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -303,7 +304,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
     def resolve(value: str) -> str:
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (base / p))
+        return os.path.normpath(p if p.is_absolute() else (base / p))
 
     recipe.data.shards = [resolve(s) for s in recipe.data.shards]
     if recipe.data.dataset and Path(base / recipe.data.dataset).exists():
