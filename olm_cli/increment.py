@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.data import dataset_source, discover_shards, shard_format, validate_shard
-from olm_cli.errors import EXIT_OK, CheckpointError, DataError
+from olm_cli.errors import EXIT_OK, CheckpointError, DataError, RecipeError
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import CheckpointManager, RunLock, ShardLedger
 
@@ -70,6 +70,10 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
     processes every rank plans (they reach the same answer); only the main one writes.
     """
     run_dir = Path(recipe.run.dir)
+    # Fail before training, not after an hour of it, when an eval file is missing.
+    for name, path in recipe.eval.sets.items():
+        if not Path(path).is_file():
+            raise RecipeError(f"eval.sets.{name}: {path}: no such file")
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
     if main_process:
         checkpoints.cleanup_temp()

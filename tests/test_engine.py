@@ -111,3 +111,13 @@ def test_warm_started_buffer_carries_stored_logits(tmp_path: Path) -> None:
     report = inspect_replay(find_buffer_dir(tmp_path / "run"), as_json=False, console=None)
     assert report["stored_logits"] == report["size"] > 16  # seed blocks and trained blocks alike
     assert {d["name"] for d in report["by_domain"]} == {"gamma", "alpha"}
+
+
+def test_missing_eval_file_fails_before_training(tmp_path: Path) -> None:
+    from olm_cli.errors import RecipeError
+
+    add_shard(tmp_path / "stream", "alpha", 0)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, eval={"sets": {"alpha": str(tmp_path / "missing.jsonl")}}))
+    with pytest.raises(RecipeError, match=r"eval\.sets\.alpha: .*missing\.jsonl: no such file"):
+        run_increment(recipe)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
