@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from olm_cli.errors import EXIT_USAGE, OlmError, RecipeError
+from olm_cli.errors import OlmError, RecipeError
 
 app = typer.Typer(
     name="olm",
@@ -185,13 +185,12 @@ def main() -> None:
         err_console.print("[bold red]aborted[/]")
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+        # typer ships its own copy of click, so match click's exception interface, not its class.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
-
 
 if __name__ == "__main__":
     main()

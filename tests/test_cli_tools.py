@@ -59,3 +59,11 @@ def test_merge_cli_weights_and_errors(tmp_path: Path) -> None:
 
     bad = cli("merge", first, last, "--weights", "3,x", "--out", tmp_path / "m2")
     assert bad.code == 2 and "--weights" in bad.err
+
+
+def test_usage_errors_exit_2_with_a_message_not_a_traceback() -> None:
+    for args, expected in ((["train"], "Missing option '--config'"), (["trian"], "Did you mean 'train'"),
+                           (["eval", "--bogus"], "No such option: --bogus")):
+        result = cli(*args)
+        assert result.code == 2, args
+        assert expected in result.err and "Traceback" not in result.err
