@@ -48,6 +48,17 @@ def add_shard(root: Path, domain: str, index: int, docs: int = 24, order: int | 
     return write_jsonl(root / f"{order:02d}-{domain}" / f"shard-{index:03d}.jsonl", make_documents(domain, docs, index))
 
 
+def tiny_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, **config: Any) -> torch.nn.Module:
+    """A two-layer Llama of a few thousand parameters, seeded, for unit tests of strategy parts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, **config,
+    ))
+
+
 def tiny_recipe(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "model": {

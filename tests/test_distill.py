@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama
 
 from olm_cli.distill import (
     DistillConfig,
@@ -22,19 +22,6 @@ from olm_cli.distill import (
 )
 from olm_cli.errors import RecipeError
 from olm_cli.samples import IGNORE_INDEX, collate, per_sample_loss
-
-
-def tiny_model(seed: int = 0, vocab: int = 64) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -74,7 +61,7 @@ def test_kd_kl_matches_hand_computation_and_scales_with_t_squared() -> None:
 
 
 def test_teacher_distiller_uses_shifted_positions_of_real_tokens() -> None:
-    student, teacher = tiny_model(0), tiny_model(1)
+    student, teacher = tiny_llama(0), tiny_llama(1)
     d = build_distiller(
         DistillConfig(method="teacher", teacher="t", temperature=2.0),
         load_teacher=lambda src: teacher,
@@ -104,11 +91,11 @@ def test_teacher_loaded_lazily_once() -> None:
 
     def load(src: str) -> torch.nn.Module:
         calls.append(src)
-        return tiny_model(3)
+        return tiny_llama(3)
 
     d = build_distiller(DistillConfig(method="teacher", teacher="hub/teacher"), load_teacher=load)
     assert calls == []
-    student = tiny_model(0)
+    student = tiny_llama(0)
     d.begin_increment(student)
     d.begin_increment(student)
     assert calls == ["hub/teacher"]
@@ -123,7 +110,7 @@ def test_teacher_loaded_lazily_once() -> None:
     assert calls == ["hub/teacher", "hub/teacher"]
     mismatched = build_distiller(
         DistillConfig(method="teacher", teacher="big"),
-        load_teacher=lambda s: tiny_model(1, vocab=80),
+        load_teacher=lambda s: tiny_llama(1, vocab=80),
     )
     with pytest.raises(RecipeError, match=r"80.*64"):
         mismatched.loss(logits, b)
@@ -132,10 +119,10 @@ def test_teacher_loaded_lazily_once() -> None:
 def test_vocab_mismatch_names_both_sizes() -> None:
     d = build_distiller(
         DistillConfig(method="teacher", teacher="big"),
-        load_teacher=lambda s: tiny_model(1, vocab=80),
+        load_teacher=lambda s: tiny_llama(1, vocab=80),
     )
     with pytest.raises(RecipeError, match=r"80.*64"):
-        d.begin_increment(tiny_model(0, vocab=64))
+        d.begin_increment(tiny_llama(0, vocab=64))
 
 
 def test_config_validation() -> None:
@@ -147,11 +134,11 @@ def test_config_validation() -> None:
         DistillConfig(temperature=0.0)
     with pytest.raises(ValueError, match="extra"):
         DistillConfig(temprature=2.0)  # type: ignore[call-arg]
-    assert build_distiller(DistillConfig(), load_teacher=lambda s: tiny_model()) is None
+    assert build_distiller(DistillConfig(), load_teacher=lambda s: tiny_llama()) is None
 
 
 def test_lwf_teacher_is_frozen_snapshot_of_increment_start() -> None:
-    student = tiny_model(0)
+    student = tiny_llama(0)
     d = build_distiller(DistillConfig(method="lwf", alpha=0.5), load_teacher=lambda s: student)
     assert isinstance(d, LwfDistiller)
     d.begin_increment(student)
@@ -192,7 +179,7 @@ def test_topk_logits_shapes_and_dtypes() -> None:
 
 
 def test_stored_logits_zero_on_match_positive_otherwise_and_row_mask() -> None:
-    student = tiny_model(0)
+    student = tiny_llama(0)
     d = build_distiller(
         DistillConfig(method="stored_logits", topk=8), load_teacher=lambda s: student
     )
@@ -211,7 +198,7 @@ def test_stored_logits_zero_on_match_positive_otherwise_and_row_mask() -> None:
     # A constant shift of the student's logits changes nothing (softmax over the k ids).
     assert d.loss(logits + 3.0, b, stored).item() == pytest.approx(0.0, abs=1e-4)
 
-    other = tiny_model(5)
+    other = tiny_llama(5)
     with torch.no_grad():
         other_logits = other(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert d.loss(other_logits, b, stored).item() > 1e-3

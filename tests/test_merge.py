@@ -8,27 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from olm_cli.errors import CheckpointError
 from olm_cli.merge import merge_checkpoints, normalise_weights
 
 
-def tiny_model(seed: int = 0, hidden: int = 32) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
-
-
 def checkpoint(path: Path, seed: int, hidden: int = 32) -> Path:
-    tiny_model(seed, hidden).save_pretrained(path)
+    tiny_llama(seed, hidden=hidden).save_pretrained(path)
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128, "seed": seed}))
     return path
 
@@ -112,7 +100,7 @@ def test_refuses_pickle_missing_dirs_and_non_empty_output(tmp_path: Path) -> Non
 
 def test_sharded_checkpoint(tmp_path: Path) -> None:
     a = tmp_path / "a"
-    tiny_model(0).save_pretrained(a, max_shard_size="20KB")
+    tiny_llama(0).save_pretrained(a, max_shard_size="20KB")
     assert (a / "model.safetensors.index.json").is_file()
     b = checkpoint(tmp_path / "b", 1)
     out = merge_checkpoints([a, b], [1, 1], tmp_path / "out")

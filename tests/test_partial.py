@@ -8,25 +8,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from peft import PeftModel
 
 from olm_cli.distill import LoraConfig, TrainConfig
 from olm_cli.errors import RecipeError
 from olm_cli.partial import apply_trainable, is_full_update, model_for_save, wrap_lora
 from olm_cli.samples import collate
-
-
-def tiny_model(seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -46,7 +34,7 @@ PATTERNS = ["model.embed_tokens.*", "model.layers.0.*", "lm_head.*"]
 
 
 def test_frozen_modules_unchanged_after_a_step() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     names = apply_trainable(model, TrainConfig(trainable=PATTERNS), increment=1)
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
     assert all(n.startswith(("model.embed_tokens", "model.layers.0.", "lm_head")) for n in names)
@@ -59,7 +47,7 @@ def test_frozen_modules_unchanged_after_a_step() -> None:
 
 
 def test_glob_does_not_overmatch_and_regex_prefix() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     names = apply_trainable(model, TrainConfig(trainable=["model.layers.1.*"]), increment=1)
     assert names and all(n.startswith("model.layers.1.") for n in names)
     names = apply_trainable(
@@ -71,11 +59,11 @@ def test_glob_does_not_overmatch_and_regex_prefix() -> None:
 
 def test_pattern_matching_nothing_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="model.layer.0"):
-        apply_trainable(tiny_model(), TrainConfig(trainable=["model.layer.0.*"]), increment=1)
+        apply_trainable(tiny_llama(), TrainConfig(trainable=["model.layer.0.*"]), increment=1)
 
 
 def test_empty_trainable_means_everything() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     names = apply_trainable(model, TrainConfig(), increment=1)
     assert names == [n for n, _ in model.named_parameters()]
 
@@ -83,7 +71,7 @@ def test_empty_trainable_means_everything() -> None:
 def test_full_update_every() -> None:
     cfg = TrainConfig(trainable=["lm_head.*"], full_update_every=2)
     assert [is_full_update(cfg, i) for i in range(1, 6)] == [False, True, False, True, False]
-    model = tiny_model()
+    model = tiny_llama()
     total = len(list(model.parameters()))
     assert apply_trainable(model, cfg, increment=1) == ["lm_head.weight"]
     assert len(apply_trainable(model, cfg, increment=2)) == total
@@ -93,7 +81,7 @@ def test_full_update_every() -> None:
 
 
 def test_lora_trains_only_adapters_and_merges_into_a_plain_model(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_llama()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     wrapped = wrap_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = apply_trainable(wrapped, TrainConfig(), increment=1)
@@ -110,7 +98,7 @@ def test_lora_trains_only_adapters_and_merges_into_a_plain_model(tmp_path: Path)
     wrapped.eval()
     with torch.no_grad():
         wrapped_out = wrapped(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        base_out = tiny_model()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        base_out = tiny_llama()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert not torch.allclose(wrapped_out, base_out, atol=1e-5)  # adapters changed something
 
     merged = model_for_save(wrapped)
@@ -135,17 +123,17 @@ def test_lora_trains_only_adapters_and_merges_into_a_plain_model(tmp_path: Path)
 
 
 def test_lora_with_patterns_unfreezes_base_weights_too() -> None:
-    wrapped = wrap_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapped = wrap_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     names = apply_trainable(wrapped, TrainConfig(trainable=["lm_head.*"]), increment=1)
     assert any("lora_" in n for n in names)
     assert [n for n in names if "lora_" not in n] == ["base_model.model.lm_head.weight"]
 
 
 def test_model_for_save_without_lora_is_identity() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     assert model_for_save(model) is model
 
 
 def test_bad_lora_target_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="nonexistent_proj"):
-        wrap_lora(tiny_model(), LoraConfig(target_modules=["nonexistent_proj"]))
+        wrap_lora(tiny_llama(), LoraConfig(target_modules=["nonexistent_proj"]))

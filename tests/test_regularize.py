@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama
 
 from olm_cli.distill import (
     EwcRegularizer,
@@ -18,19 +18,6 @@ from olm_cli.distill import (
     estimate_fisher,
 )
 from olm_cli.samples import collate
-
-
-def tiny_model(seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
 def batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -62,7 +49,7 @@ def test_builders() -> None:
 
 
 def test_ewc_zero_before_fisher_and_at_anchor_then_quadratic() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     reg = build_regularizer(RegularizeConfig(method="ewc", strength=10.0, fisher_batches=3))
     assert isinstance(reg, EwcRegularizer)
     reg.begin_increment(model)
@@ -95,7 +82,7 @@ def test_ewc_zero_before_fisher_and_at_anchor_then_quadratic() -> None:
 
 
 def test_ewc_fisher_is_mean_squared_gradient_and_decays() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     data = batches(4)
     f1 = estimate_fisher(model, data[:2])
     f2 = estimate_fisher(model, data[2:])
@@ -120,7 +107,7 @@ def test_ewc_fisher_is_mean_squared_gradient_and_decays() -> None:
 
 
 def test_ewc_persisted_and_reloaded_identically(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_llama()
     reg = EwcRegularizer(strength=3.0, fisher_batches=2, fisher_decay=1.0)
     reg.begin_increment(model)
     reg.end_increment(model, iter(batches(2)))
@@ -138,7 +125,7 @@ def test_ewc_persisted_and_reloaded_identically(tmp_path: Path) -> None:
 
 
 def test_l2_exact_penalty_and_persistence(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_llama()
     reg = build_regularizer(RegularizeConfig(method="l2", strength=2.0))
     assert isinstance(reg, L2Regularizer)
     assert reg.penalty(model).item() == 0.0  # no anchor yet
@@ -161,7 +148,7 @@ def test_l2_exact_penalty_and_persistence(tmp_path: Path) -> None:
 
 
 def test_anchor_covers_trainable_parameters_only() -> None:
-    model = tiny_model()
+    model = tiny_llama()
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("lm_head"))
     reg = L2Regularizer(strength=1.0)

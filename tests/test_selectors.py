@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from pydantic import ValidationError
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from olm_cli.errors import CheckpointError
 from olm_cli.samples import Block
@@ -105,18 +105,7 @@ def test_gradnorm_picks_samples_with_large_gradients() -> None:
 
 
 def test_real_llama_selection_ranks_by_the_reported_scores() -> None:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-        )
-    )
+    model = tiny_llama(max_position_embeddings=64)
     rng = np.random.default_rng(0)
     pool = [block(rng.integers(1, 64, size=int(n)).tolist()) for n in rng.integers(3, 20, size=10)]
     for name in ("entropy", "loss", "gradnorm", "diversity", "coverage"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
+from transformers import LlamaForCausalLM
 
 from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.selectors import mean_token_entropy, score_pool
@@ -13,19 +14,6 @@ from olm_cli.selectors import mean_token_entropy, score_pool
 VOCAB = 64
 PAD = 0
 
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 def block(tokens: list[int] | np.ndarray) -> Block:
@@ -39,7 +27,7 @@ def counting(start: int, length: int) -> list[int]:
 @pytest.fixture(scope="module")
 def trained_llama() -> LlamaForCausalLM:
     """A tiny Llama that has learnt "count upwards", so counting text is easy, noise is hard."""
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, max_position_embeddings=64)
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(40):
@@ -53,7 +41,7 @@ def trained_llama() -> LlamaForCausalLM:
 
 
 def test_entropy_and_loss_match_definitions_with_padding() -> None:
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, max_position_embeddings=64)
     rng = np.random.default_rng(0)
     blocks = [block(rng.integers(1, VOCAB, size=n)) for n in (5, 9, 1, 7, 9, 3)]
     pool = score_pool(model, blocks, PAD, micro_batch=4)
@@ -73,7 +61,7 @@ def test_entropy_and_loss_match_definitions_with_padding() -> None:
 
 
 def test_scoring_restores_train_mode_and_needs_no_grad() -> None:
-    model = tiny_llama()
+    model = tiny_llama(vocab=VOCAB, max_position_embeddings=64)
     model.train()
     score_pool(model, [block(counting(0, 6))], PAD, micro_batch=2)
     assert model.training
