@@ -9,17 +9,15 @@ duplicates are only taken once every distinct region is represented.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from olm_cli.samples import Block
-from olm_cli.selectors.choice import ScoreChooser, gumbel_keys, rank_desc
-from olm_cli.selectors.config import SelectorConfig
+from olm_cli.selectors.choice import gumbel_keys, rank_desc
 from olm_cli.selectors.contract import Selection
+from olm_cli.selectors.pool_score import PoolScoreSelector
 from olm_cli.selectors.scoring import score_pool
-from olm_cli.selectors.state import check_state_name
 
 
 def unit_rows(embeddings: np.ndarray) -> np.ndarray:
@@ -79,17 +77,11 @@ def k_center_greedy(
     return picks, scores
 
 
-class DiversitySelector:
+class DiversitySelector(PoolScoreSelector):
     """k-center greedy over the scoring pass's pooled hidden states."""
 
     name = "diversity"
-    needs_model = True
-
-    def __init__(self, cfg: SelectorConfig, seed: int) -> None:
-        self.pool_factor = cfg.pool_factor
-        self.score_micro_batch = cfg.score_micro_batch
-        self.score_tokens = cfg.score_tokens
-        self.chooser = ScoreChooser(cfg, seed)
+    score_field = "embeddings"
 
     def select(
         self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int
@@ -106,10 +98,3 @@ class DiversitySelector:
             self.chooser.generator,
         )
         return self.chooser.package(scores, picks, pool)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.chooser.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_name(self.name, state)
-        self.chooser.load_state_dict(state)
