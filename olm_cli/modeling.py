@@ -79,6 +79,21 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn
     return model.to(DTYPES[cfg.dtype])
 
 
+def _source_kwargs(gguf_file: str | None, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """``from_pretrained`` options shared by models and tokenizers (unset ones left out)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return kwargs
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_pretrained(
     source: str,
     *,
@@ -90,16 +105,11 @@ def load_pretrained(
     """Load a causal LM from a hub id, a local directory or a GGUF file inside it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    kwargs = _source_kwargs(gguf_file, revision, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"model.name_or_path={source!r}: cannot load the model ({first})") from None
+        raise RecipeError(f"model.name_or_path={source!r}: cannot load the model ({_first_line(exc)})") from None
     if gguf_file:
         model = _rebuild_plain(model, DTYPES[dtype])
     return model
@@ -120,16 +130,10 @@ def _rebuild_plain(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
 def load_tokenizer(source: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **_source_kwargs(gguf_file, revision, trust_remote_code))
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"tokenizer {source!r}: cannot load ({first})") from None
+        raise RecipeError(f"tokenizer {source!r}: cannot load ({_first_line(exc)})") from None
     if tokenizer.eos_token_id is None:
         raise RecipeError(f"tokenizer {source!r} has no EOS token; olm needs one to separate packed documents")
     if tokenizer.pad_token_id is None:
