@@ -173,7 +173,7 @@ class Trainer:
         self.increment = int(self.state["increment"]) if self.resuming else self.ledger.start_increment()
         if recipe.train.lora is not None:
             model = wrap_lora(model, recipe.train.lora)
-        self.trainable = apply_trainable(model, recipe.train, self.increment)
+        apply_trainable(model, recipe.train, self.increment)
         self.selector = build_selector(recipe.selector, seed=seed)
         self.policy = build_batch_policy(recipe.batch)
         self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
