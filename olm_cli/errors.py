@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NOT_RELEASED = 3  # trained and checkpointed, but the release gate kept the previous release
 EXIT_LOCKED = 75
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -42,4 +43,13 @@ class LockHeldError(OlmError):
 
 
 class TrainingDivergedError(OlmError):
-    """Loss stayed NaN/Inf for too many consecutive steps."""
+    """Loss or gradients stayed NaN/Inf for too many consecutive steps."""
+
+
+class CheckpointLoadError(CheckpointError):
+    """A checkpoint verified on disk but could not be loaded (the caller falls back to an older one)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
