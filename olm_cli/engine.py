@@ -37,11 +37,12 @@ from olm_cli.data import (
     is_dataset_source,
 )
 from olm_cli.distill import collate_stored, topk_logits
-from olm_cli.errors import EXIT_OK, DataError, OlmError, TrainingDivergedError
+from olm_cli.errors import EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.increment import TRAINER_STATE, IncrementPlan, TrainOutcome
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import GracefulStop
 from olm_cli.samples import Block, collate, per_sample_loss
+from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree, save_tree
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ class Trainer:
             model = load_pretrained(str(self.latest), dtype=recipe.model.dtype)
             tokenizer = load_tokenizer(str(self.latest))
         else:
-            model, tokenizer = load_source(recipe.model, shards=self.shard_plan, text_field=recipe.data.text_field, seed=seed)
+            model, tokenizer = load_source(recipe.model, shards=self.shard_plan, text_field=recipe.data.text_field, seed=seed,
+                                           cache_dir=self.run_dir / "base-model", say=self._say)
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
 
@@ -178,6 +180,13 @@ class Trainer:
         self.policy = build_batch_policy(recipe.batch)
         self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
         self.distiller = build_distiller(recipe.distill, load_teacher=self._load_teacher)
+        # LwF distils towards the model as the increment began; in the first increment of a
+        # from-scratch run that is a random initialisation, which there is no point preserving.
+        untrained_teacher = recipe.distill.method == "lwf" and recipe.model.init == "scratch" and self.increment == 1
+        self.kd_active = self.distiller is not None and not untrained_teacher
+        if self.distiller is not None and untrained_teacher:
+            self._say("note: distill.method lwf is off in increment 1: the model starts from a random "
+                      "initialisation, so there is nothing to preserve yet")
         self.regularizer = build_regularizer(recipe.regularize)
 
         optimizer = build_optimizer(model, recipe)
@@ -189,7 +198,8 @@ class Trainer:
         self.global_step = int(self.state.get("global_step", 0))
         self.total_tokens = int(self.state.get("total_tokens", 0))
         self.unselected = int(self.state.get("unselected", 0))
-        self.bad_steps = 0
+        self.bad_steps = 0  # consecutive skipped batches
+        self.skipped_steps = 0  # skipped batches in this invocation
         self.domain_tokens: Counter[str] = Counter()
 
         if self.latest is not None:
@@ -203,7 +213,8 @@ class Trainer:
             self.horizon = int(self.state["horizon"])
             self.stream.load_state_dict(self.state["stream"])
             _restore_rng(load_tree(self.latest / "rng"))
-            if self.distiller is not None:
+            self._say(f"resuming increment {self.increment} at step {self.step} from {self.latest.name}")
+            if self.kd_active:
                 # LwF's teacher is the model as it was when this increment began, not at resume.
                 start = self._increment_start_model() if recipe.distill.method == "lwf" else None
                 self.distiller.begin_increment(start if start is not None else self.accelerator.unwrap_model(self.model))
@@ -212,6 +223,8 @@ class Trainer:
                 self.stream.load_state_dict(_rebase_stream_state(self.carried_state, self.shard_plan))
             if self.latest is None or recipe.optim.reset_optimizer:
                 self.optimizer.state.clear()
+            self._say(f"increment {self.increment}: {len(self.shard_plan)} shard(s), "
+                      + (f"starting from {self.latest.name}" if self.latest is not None else "starting from the base model"))
             self.horizon = self._horizon()
             torch.manual_seed(seed + self.increment)
             random.seed(seed + self.increment)
@@ -220,7 +233,7 @@ class Trainer:
                 if not is_dataset_source(path):
                     self.ledger.mark_in_progress(str(path), self.increment)
             unwrapped = self.accelerator.unwrap_model(self.model)
-            if self.distiller is not None:
+            if self.kd_active:
                 self.distiller.begin_increment(unwrapped)
                 if recipe.distill.method == "lwf" and self.accelerator.is_main_process:
                     self._save_increment_start(unwrapped)
@@ -232,14 +245,16 @@ class Trainer:
                 # Row 0 of the continual-learning matrix: the model before any increment.
                 from olm_cli.evaluate import record_increment_eval
 
+                self._say(f"evaluating the starting model on {len(recipe.eval.sets)} domain(s) (row 0 of the matrix)")
                 record_increment_eval(self.run_dir, recipe, unwrapped, self.tokenizer, increment=0, trained={},
                                       step=self.global_step, console=self.console)
         self._set_lr()
 
-    def _make_stream(self) -> BlockStream:
+    def _make_stream(self, shards: list[Path] | None = None) -> BlockStream:
+        """A block stream over ``shards`` (default: this increment's plan) with the recipe's data settings."""
         data = self.recipe.data
         return BlockStream(
-            self.shard_plan,
+            self.shard_plan if shards is None else shards,
             self.tokenizer,
             block_size=data.block_size,
             fmt=data.format,
@@ -251,22 +266,39 @@ class Trainer:
         )
 
     def _horizon(self) -> int:
-        """Schedule length of this increment: the recipe's budget, or one pass over the plan."""
+        """Schedule length of this increment: the recipe's budget, or one pass over the plan.
+
+        The blocks the plan will yield are counted (tokenising is cheap next to training), at most
+        as many as the budget needs, so a budget longer than the data is reported and the cosine
+        is planned on the steps that will really run instead of ending early at a high rate.
+        """
         run, batch = self.recipe.run, self.recipe.batch
+        new_share = 1.0 - (self.recipe.replay.ratio if self.replay is not None else 0.0)
+        per_step = batch.size * new_share * self.selector.pool_factor  # new blocks consumed per step
+        budget: int | None = None
         if run.max_steps is not None:
-            return run.max_steps
-        if run.max_tokens is not None:
-            return max(1, math.ceil(run.max_tokens / (batch.size * self.recipe.data.block_size)))
-        # Count the blocks the plan will yield (tokenizing is cheap next to training) so the
-        # cosine decay ends with the data.
+            budget = run.max_steps
+        elif run.max_tokens is not None:
+            budget = max(1, math.ceil(run.max_tokens / (batch.size * self.recipe.data.block_size)))
+        if budget is not None and any(is_dataset_source(p) for p in self.shard_plan):
+            return budget  # an endless stream: reading it twice to count would cost a second download
+        cap = None if budget is None else math.ceil(budget * per_step)
+        self._say("counting the blocks of this increment to plan its schedule")
         counter = self._make_stream()
         counter.load_state_dict(self.stream.state_dict())
         blocks = 0
-        while chunk := counter.take(1024):
+        while (cap is None or blocks < cap) and (chunk := counter.take(1024 if cap is None else min(1024, cap - blocks))):
             blocks += len(chunk)
-        new_share = 1.0 - (self.recipe.replay.ratio if self.replay is not None else 0.0)
-        per_step = max(1.0, batch.size * new_share) * self.selector.pool_factor
-        return max(1, math.ceil(blocks / per_step))
+        in_data = max(1, math.ceil(blocks / per_step))
+        if budget is None:
+            return in_data
+        if cap is not None and blocks < cap:
+            key = "run.max_steps" if run.max_steps is not None else "run.max_tokens"
+            value = run.max_steps if run.max_steps is not None else run.max_tokens
+            self._say(f"[yellow]warning:[/] {key}={value} is more than this increment's data holds "
+                      f"({blocks:,} blocks, about {in_data:,} steps); the schedule is planned on {in_data:,} steps")
+            return in_data
+        return budget
 
     def _save_increment_start(self, model: torch.nn.Module) -> None:
         """Keep the increment's starting weights so a resumed LwF run distils from the same teacher."""
@@ -301,18 +333,14 @@ class Trainer:
         return teacher.to(self.accelerator.device)
 
     def _seed_replay(self) -> None:
-        from olm_cli.data import read_blocks
         from olm_cli.replay import seed_buffer
 
         assert self.replay is not None
-        blocks: list[Block] = []
         cap = self.recipe.replay.seed_samples
-        for path in discover_shards(self.recipe.replay.seed_from):
-            domain = _safe_domain(path, self.recipe.data.domain_pattern)
-            blocks.extend(read_blocks(path, self.tokenizer, block_size=self.recipe.data.block_size, domain=domain))
-            if len(blocks) >= cap:
-                break
-        blocks = blocks[:cap]
+        paths = discover_shards(self.recipe.replay.seed_from)
+        self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
+        # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
+        blocks = self._make_stream(paths).take(cap)
         k = self.recipe.replay.store_logits_topk
         if k > 0:
             # Stored-logits distillation needs the starting model's logits for the seed blocks too.
@@ -343,6 +371,8 @@ class Trainer:
         model = self.model
         self.loop_started = time.monotonic()
         first_step = self.step
+        # Rate and ETA count only what this invocation trains (a resume starts mid-increment).
+        self.loop_first = (self.step, self.tokens)
         with GracefulStop() as stop, self._progress() as progress:
             task = progress.add_task(f"increment {self.increment}", total=self.horizon, completed=self.step) if progress else None
             while not self._increment_done():
@@ -362,14 +392,16 @@ class Trainer:
                 plan = self.policy.plan()
                 n_replay = self._replay_share(plan.samples)
                 n_new = plan.samples - n_replay
-                pool = self.stream.take(n_new * self.selector.pool_factor)
-                if not pool:
+                # A whole replay step (possible when the batch is small) takes no new data.
+                pool = self.stream.take(n_new * self.selector.pool_factor) if n_new else []
+                if not pool and n_new:
                     break
-                selection = self.selector.select(accelerator.unwrap_model(model), pool, min(n_new, len(pool)), self.pad_id)
+                selection = (self.selector.select(accelerator.unwrap_model(model), pool, min(n_new, len(pool)), self.pad_id)
+                             if pool else Selection([], None, None, 0))
                 self.unselected += selection.unselected
                 new_blocks = [pool[i] for i in selection.indices]
                 new_weights = selection.weights if selection.weights is not None else np.ones(len(new_blocks))
-                if not new_blocks:
+                if not new_blocks and n_new:
                     # A threshold selector may reject a whole pool; those blocks are counted as
                     # unselected and the step is taken on the next pool.
                     self._mark_finished_shards()
@@ -387,10 +419,14 @@ class Trainer:
                     continue
                 loss, per_sample, new_logits = result
 
-                # step.
+                # step: a non-finite gradient never reaches the weights (as GradScaler and Megatron do).
                 grad_norm = self._clip()
+                if not math.isfinite(grad_norm):
+                    self._skip_batch(f"non-finite gradient norm ({grad_norm})", loss=loss, grad_norm=grad_norm)
+                    continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.bad_steps = 0
                 self.step += 1
                 self.global_step += 1
                 self._set_lr()
@@ -456,8 +492,10 @@ class Trainer:
     def _report_plain(self, loss: float, lr: float) -> None:
         """Progress for logs (cron, systemd): a line every tenth of the increment."""
         elapsed = time.monotonic() - self.loop_started
-        rate = self.tokens / max(elapsed, 1e-9)
-        eta = elapsed / self.step * (self.horizon - self.step) if self.step else 0.0
+        first_step, first_tokens = self.loop_first
+        rate = (self.tokens - first_tokens) / max(elapsed, 1e-9)
+        done = self.step - first_step
+        eta = elapsed / done * max(0, self.horizon - self.step) if done else 0.0
         self._say(f"increment {self.increment} step {self.step}/{self.horizon} loss {loss:.4f} lr {lr:.2e} "
                   f"{rate:,.0f} tok/s ETA {eta:,.0f}s")
 
@@ -468,7 +506,7 @@ class Trainer:
         # Only max_steps ends an increment by step count. A token budget, or one pass over the
         # new shards, uses its step estimate for the schedule alone (past it the learning rate
         # stays at its floor), so no leftover blocks are carried into an otherwise empty night.
-        if run.max_steps is not None and self.step >= self.horizon:
+        if run.max_steps is not None and self.step >= run.max_steps:
             return True
         return self.stream.exhausted
 
@@ -478,9 +516,10 @@ class Trainer:
         # Stochastic rounding keeps the long-run replay fraction equal to the ratio even when
         # ratio * batch is below one (1% of 16 samples replays one sample every ~6 steps).
         # numpy's global generator is checkpointed, so resumes draw the same shares.
+        # With one sample per step (batch.size 1) that makes whole replay steps at the same rate.
         exact = self.recipe.replay.ratio * samples
         share = int(exact) + int(np.random.random() < exact - int(exact))
-        return min(samples - 1, share, len(self.replay))
+        return min(samples, share, len(self.replay))
 
     def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
         """Per-sample stored top-k logits (None for fresh samples), for DER-style distillation."""
@@ -516,7 +555,7 @@ class Trainer:
                         w = torch.as_tensor(weights[chunk], dtype=row_loss.dtype, device=row_loss.device)
                         ce = (row_loss * w).sum() / norm
                         loss = ce
-                        if self.distiller is not None:
+                        if self.kd_active:
                             chunk_stored = None
                             if stored is not None:
                                 width = batch["input_ids"].shape[1]
@@ -528,7 +567,8 @@ class Trainer:
                         if self.regularizer is not None:
                             loss = loss + self.regularizer.penalty(accelerator.unwrap_model(self.model)) * (len(chunk) / len(mine))
                     if not torch.isfinite(loss):
-                        return self._bad_step(float(loss.detach()))
+                        value = float(loss.detach())
+                        return self._skip_batch(f"non-finite loss ({value})", loss=value)
                     accelerator.backward(loss)
                     total += float(loss.detach())
                     per_sample[chunk] = row_loss.detach().float().cpu().numpy()
@@ -537,7 +577,6 @@ class Trainer:
                             if index < n_new:
                                 n = len(samples[index])
                                 new_logits.append(topk_logits(logits[row, :n].detach().float(), self.recipe.replay.store_logits_topk))
-                self.bad_steps = 0
                 self.micro_batch_used = micro_batch
                 return total, per_sample, (new_logits if keep_topk else None)
             except torch.OutOfMemoryError:
@@ -549,14 +588,25 @@ class Trainer:
                 micro_batch = self.policy.plan().micro_batch
                 self._say(f"[yellow]out of memory:[/] retrying the same batch with micro-batch {micro_batch}")
 
-    def _bad_step(self, value: float) -> None:
+    def _skip_batch(self, what: str, *, loss: float, grad_norm: float | None = None) -> None:
+        """Drop this batch's gradients without stepping; stop after ``run.max_bad_steps`` in a row.
+
+        The skipped step is logged (strict JSON, the non-finite values as null) so a run's metrics
+        show every batch that did not reach the weights.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
-        self._say(f"[yellow]warning:[/] non-finite loss ({value}) at step {self.global_step + 1}; batch skipped ({self.bad_steps}/{self.recipe.run.max_bad_steps})")
-        if self.bad_steps >= self.recipe.run.max_bad_steps:
-            where = f"rolled back to {self.latest.name}" if self.latest is not None else "no checkpoint was written"
+        self.skipped_steps += 1
+        limit = self.recipe.run.max_bad_steps
+        self._say(f"[yellow]warning:[/] {what} at step {self.global_step + 1}; batch skipped ({self.bad_steps}/{limit})")
+        self._log({"step": self.global_step + 1, "increment": self.increment, "increment_step": self.step + 1,
+                   "skipped": True, "loss": loss, "grad_norm": grad_norm, "reason": what})
+        if self.bad_steps >= limit:
+            where = (f"rolled back to {self.latest.name} (verified finite)" if self.latest is not None
+                     else "no checkpoint was written")
             raise TrainingDivergedError(
-                f"loss was NaN/Inf for {self.bad_steps} consecutive steps; {where}. Lower optim.lr or check the data"
+                f"loss or gradients were NaN/Inf for {self.bad_steps} consecutive steps; {where}. "
+                "Lower optim.lr or check the data"
             )
         return None
 
@@ -587,6 +637,7 @@ class Trainer:
         if self.recipe.eval.after_increment and self.recipe.eval.sets and self.accelerator.is_main_process:
             from olm_cli.evaluate import record_increment_eval
 
+            self._say(f"evaluating {len(self.recipe.eval.sets)} domain(s) after increment {self.increment}")
             record_increment_eval(self.run_dir, self.recipe, unwrapped, self.tokenizer, increment=self.increment,
                                   trained=dict(self.domain_tokens), step=self.global_step, console=self.console)
         self.accelerator.end_training()
@@ -604,13 +655,8 @@ class Trainer:
             tokens = [item.tokens for item in self.replay.sample(min(len(self.replay), n * size))]
             np.random.set_state(state)
         if not tokens:
-            from olm_cli.data import read_blocks
-
-            for path in self.shard_plan:
-                tokens.extend(b.tokens for b in read_blocks(path, self.tokenizer, block_size=self.recipe.data.block_size,
-                                                            max_tokens=n * size * self.recipe.data.block_size))
-                if len(tokens) >= n * size:
-                    break
+            # The increment's own data, read with the recipe's data settings (also a streamed dataset).
+            tokens = [b.tokens for b in self._make_stream().take(n * size)]
         device = self.accelerator.device
         return [{k: v.to(device) for k, v in collate(tokens[i : i + size], self.pad_id).items()}
                 for i in range(0, min(len(tokens), n * size), size)]
@@ -618,6 +664,7 @@ class Trainer:
     def _checkpoint(self, *, complete: bool) -> Path:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        self._require_finite_weights()
         path = self.checkpoints.root / f"step-{self.global_step:08d}"
         # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
         sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
@@ -625,11 +672,23 @@ class Trainer:
         if accelerator.is_main_process:
             self.state_to_save = self._trainer_state(complete=complete)
             path = self.checkpoints.save(self.global_step, self._write_checkpoint,
-                                         metadata={"increment": self.increment, "complete": complete})
+                                         metadata={"increment": self.increment, "complete": complete, "finite": True})
             self.latest = path
             self.ledger.save()
         accelerator.wait_for_everyone()
         return path
+
+    def _require_finite_weights(self) -> None:
+        """Refuse to checkpoint NaN/Inf weights: every checkpoint (and so every rollback) is finite."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        where = (f"latest stays {self.latest.name} (verified finite)" if self.latest is not None
+                 else "no checkpoint was written")
+        raise TrainingDivergedError(
+            f"{len(bad)} parameter tensor(s) became NaN/Inf by step {self.global_step} (first: {bad[0]}); "
+            f"not checkpointed, {where}. Lower optim.lr or check the data"
+        )
 
     def _trainer_state(self, *, complete: bool) -> dict[str, Any]:
         return {
@@ -694,8 +753,9 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
+        row = strict_json_row(row)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.recipe.run.tensorboard:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=row["step"])
 
@@ -737,13 +797,12 @@ class Trainer:
             self.console.print(message)
 
 
-def _safe_domain(path: Path, pattern: str) -> str:
-    from olm_cli.data import domain_of
-
-    try:
-        return domain_of(path, pattern)
-    except DataError:
-        return path.stem
+def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become null and are named in ``nonfinite``, so every line is strict JSON."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row
+    return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
 
 
 def _rebase_stream_state(state: dict[str, Any], plan: list[Path]) -> dict[str, Any]:

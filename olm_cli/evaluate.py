@@ -17,7 +17,7 @@ import torch
 
 from olm_cli.data import read_blocks
 from olm_cli.errors import OlmError
-from olm_cli.samples import collate
+from olm_cli.samples import Block, collate
 
 MATRIX_FILE = Path("eval") / "matrix.json"
 HISTORY_FILE = Path("eval") / "history.jsonl"
@@ -42,8 +42,10 @@ def evaluate_domains(
     results: dict[str, dict[str, float]] = {}
     try:
         for name, path in sets.items():
-            blocks = read_blocks(Path(path), tokenizer, block_size=block_size, max_tokens=max_tokens,
-                                 text_field=text_field, domain=name)
+            # Each block predicts one token fewer than it holds: read enough for max_tokens predictions.
+            needed = max_tokens + math.ceil(max_tokens / (block_size - 1)) + 1
+            blocks = exact_prefix(read_blocks(Path(path), tokenizer, block_size=block_size, max_tokens=needed,
+                                              text_field=text_field, domain=name), max_tokens)
             nll, count = 0.0, 0
             for i in range(0, len(blocks), batch_size):
                 batch = {k: v.to(device) for k, v in collate([b.tokens for b in blocks[i : i + batch_size]], pad_id).items()}
@@ -62,6 +64,28 @@ def evaluate_domains(
     finally:
         model.train(was_training)
     return results
+
+
+def exact_prefix(blocks: list[Block], max_tokens: int) -> list[Block]:
+    """The leading blocks holding exactly ``max_tokens`` predicted tokens (fewer only if the file is shorter).
+
+    A block of n tokens predicts n - 1 of them; the last block kept is cut so the total is exact,
+    which makes ``eval.max_tokens`` mean what it says and losses comparable across block sizes.
+    """
+    kept: list[Block] = []
+    remaining = max_tokens
+    for block in blocks:
+        if remaining <= 0:
+            break
+        predicted = len(block.tokens) - 1
+        if predicted <= 0:
+            continue
+        if predicted > remaining:
+            block = Block(block.tokens[: remaining + 1], block.shard, block.domain)
+            predicted = remaining
+        kept.append(block)
+        remaining -= predicted
+    return kept
 
 
 def _append_history(run_dir: Path, row: dict[str, Any]) -> None:

@@ -6,8 +6,11 @@ is downloaded) and saved as an ordinary HF fast tokenizer; the model is a small 
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,16 +152,41 @@ def plain_config(config: Any) -> Any:
     return type(config).from_dict(data)
 
 
-def load_source(cfg: ModelConfig, *, shards: Sequence[Path], text_field: str, seed: int) -> tuple[torch.nn.Module, Any]:
-    """The starting model and tokenizer for a brand-new run."""
+def load_source(
+    cfg: ModelConfig,
+    *,
+    shards: Sequence[Path],
+    text_field: str,
+    seed: int,
+    cache_dir: Path | None = None,
+    say: Callable[[str], object] = lambda _message: None,
+) -> tuple[torch.nn.Module, Any]:
+    """The starting model and tokenizer for a brand-new run.
+
+    Slow phases announce themselves through ``say`` (tokenizer training, GGUF de-quantisation).
+    A GGUF model is de-quantised once per run directory: the plain weights are kept in
+    ``cache_dir`` and reused by later fresh starts (an increment that crashed before its first
+    checkpoint would otherwise pay the conversion again every night).
+    """
     if cfg.init == "scratch":
-        tokenizer = (
-            load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-            if cfg.tokenizer
-            else train_tokenizer(shards, text_field, cfg.arch.vocab_size, cfg.arch.tokenizer_train_chars)
-        )
-        return build_scratch_model(cfg, tokenizer, seed), tokenizer
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        else:
+            say(f"training a {cfg.arch.vocab_size:,}-token byte-level BPE tokenizer on the first "
+                f"{cfg.arch.tokenizer_train_chars:,} characters of the shards")
+            tokenizer = train_tokenizer(shards, text_field, cfg.arch.vocab_size, cfg.arch.tokenizer_train_chars)
+        model = build_scratch_model(cfg, tokenizer, seed)
+        say(f"built a from-scratch Llama ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        return model, tokenizer
     assert cfg.name_or_path is not None
+    if cfg.gguf_file and cache_dir is not None:
+        cached = _cached_gguf(cfg, cache_dir)
+        if cached is not None:
+            say(f"loading the de-quantised GGUF model from {cache_dir}")
+            return cached
+        say(f"de-quantising {cfg.gguf_file} (once per run directory; this can take minutes)")
+    else:
+        say(f"loading the model from {cfg.name_or_path}")
     model = load_pretrained(
         cfg.name_or_path,
         dtype=cfg.dtype,
@@ -172,4 +200,47 @@ def load_source(cfg: ModelConfig, *, shards: Sequence[Path], text_field: str, se
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if cfg.gguf_file and cache_dir is not None:
+        _store_gguf_cache(cfg, cache_dir, model, tokenizer)
     return model, tokenizer
+
+
+_GGUF_SOURCE = "gguf-source.json"
+
+
+def _gguf_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """What the cache was made from: the GGUF file's path, size and mtime, and the tokenizer source."""
+    assert cfg.name_or_path is not None and cfg.gguf_file is not None
+    path = Path(cfg.name_or_path) / cfg.gguf_file
+    try:
+        st = path.stat()
+        stamp: list[int] | None = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        stamp = None  # a hub GGUF: identified by name and revision only
+    return {"gguf": str(path), "stat": stamp, "revision": cfg.revision, "tokenizer": cfg.tokenizer, "dtype": cfg.dtype}
+
+
+def _cached_gguf(cfg: ModelConfig, cache_dir: Path) -> tuple[torch.nn.Module, Any] | None:
+    try:
+        if json.loads((cache_dir / _GGUF_SOURCE).read_text(encoding="utf-8")) != _gguf_identity(cfg):
+            return None
+        return load_pretrained(str(cache_dir), dtype=cfg.dtype), load_tokenizer(str(cache_dir))
+    except (OSError, ValueError, RecipeError) as exc:
+        logger.warning("ignoring the de-quantised GGUF cache in %s (%s)", cache_dir, exc)
+        return None
+
+
+def _store_gguf_cache(cfg: ModelConfig, cache_dir: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    """Write the cache to a temporary directory and rename it, so a crash never leaves half of one."""
+    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _GGUF_SOURCE).write_text(json.dumps(_gguf_identity(cfg)), encoding="utf-8")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.replace(tmp, cache_dir)
+    except OSError as exc:  # a cache is an optimisation: a full disk here must not stop training
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("could not keep the de-quantised GGUF in %s (%s); it will be converted again next time",
+                       cache_dir, exc)
