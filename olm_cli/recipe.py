@@ -1,8 +1,9 @@
 """The recipe: one typed schema grouped like the YAML file.
 
 Every section is a pydantic model with ``extra="forbid"``. :func:`load_recipe` reads YAML with
-``yaml.safe_load``, applies dotted command-line overrides (``optim.lr=3e-4``), validates, and
-reports *all* problems at once, each with its YAML path and a did-you-mean hint for typos.
+``yaml.safe_load`` semantics (except that a key given twice is an error), applies dotted
+command-line overrides (``optim.lr=3e-4``), validates, and reports *all* problems at once, each
+with its YAML path and a did-you-mean hint for typos.
 """
 
 from __future__ import annotations
@@ -198,6 +199,40 @@ class Recipe(BaseModel):
 # --------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping names the same key twice; plain YAML would silently keep the last one."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, except that a key repeated in one mapping is an error.
+
+    A recipe with two ``run:`` blocks (one pasted from another recipe, say) would otherwise
+    train with whichever came last and never say so. Checked at every depth, and for keys
+    that are equal after parsing (``1`` and ``0x1``), not just spelled alike.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Keys merged in with `<<: *anchor` may be overridden (that is what merging is for),
+        # so only the mapping's own keys are compared; the anchor's are checked on their own.
+        own_keys = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
+        first_seen: dict[Any, yaml.Node] = {}
+        for key_node in own_keys:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                earlier = first_seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it properly
+                continue
+            if earlier is not key_node:
+                raise DuplicateKeyError(
+                    problem=f"duplicate key {key!r} (first at line {earlier.start_mark.line + 1})",
+                    problem_mark=key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``optim.lr=3e-4`` -> (["optim", "lr"], 0.0003). The value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -284,7 +319,9 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

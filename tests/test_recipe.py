@@ -81,3 +81,44 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(write_recipe(tmp_path, recipe_dict))
     assert "name_or_path" in str(info.value)
     assert "data.domain_pattern" in str(info.value)
+
+
+def test_duplicate_top_level_section_names_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model:\n  init: scratch\n"      # lines 1-2
+        "run:\n  dir: first\n"            # lines 3-4
+        "data:\n  shards: [a.jsonl]\n"    # lines 5-6
+        "run:\n  dir: second\n",          # lines 7-8: would silently win with yaml.safe_load
+        encoding="utf-8",
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}:7: duplicate key 'run' (first at line 3)"
+    assert info.value.exit_code == EXIT_USAGE
+
+
+def test_duplicate_nested_key_and_keys_equal_after_parsing(tmp_path: Path) -> None:
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim:\n  lr: 1.0e-3\n  warmup_steps: 2\n  lr: 3.0e-4\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"nested\.yaml:4: duplicate key 'lr' \(first at line 2\)"):
+        load_recipe(nested)
+    numeric = tmp_path / "numeric.yaml"
+    numeric.write_text("eval:\n  sets:\n    x: a\nmap:\n  1: a\n  0x1: b\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"numeric\.yaml:6: duplicate key 1 \(first at line 5\)"):
+        load_recipe(numeric)
+
+
+def test_merge_keys_may_be_overridden_and_safe_load_semantics_are_kept() -> None:
+    import yaml
+
+    from olm_cli.recipe import RecipeLoader
+
+    text = (
+        "defaults: &base\n  lr: 0.5\n  warmup_steps: 7\n"
+        "optim:\n  <<: *base\n  lr: 0.001\n"   # overriding a merged key is what merging is for
+        "when: 2024-01-01\nflags: [yes, no, on]\nratio: 3e-4\n"
+    )
+    loaded = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    assert loaded["optim"] == {"lr": 0.001, "warmup_steps": 7}
+    assert loaded == yaml.safe_load(text)  # dates, YAML 1.1 booleans, strings: all as before

@@ -86,3 +86,21 @@ def test_real_process_stops_at_step_boundary(signum: int, code: int):
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == code
     assert out.startswith("checkpoint at step ")
+
+
+def test_stop_notice_offers_ctrl_c_only_for_sigint():
+    from olm_cli.rundir.signals import stop_notice
+
+    term = stop_notice(signal.SIGTERM)
+    assert term == "received SIGTERM: stopping after the current step and saving a checkpoint"
+    assert "Ctrl-C" not in term  # systemd and cron cannot press anything
+    assert stop_notice(signal.SIGINT).endswith("(press Ctrl-C again to stop immediately)")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_first_signal_logs_its_notice_once(signum: int, caplog):
+    from olm_cli.rundir.signals import stop_notice
+
+    with caplog.at_level("WARNING"), GracefulStop():
+        os.kill(os.getpid(), signum)
+    assert [r.getMessage() for r in caplog.records] == [stop_notice(signum)]

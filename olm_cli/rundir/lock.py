@@ -97,7 +97,8 @@ class RunLock:
 
     Raises :class:`LockHeldError` (exit 75) naming the holder if another process has it.
     After entering, ``stale_holder`` is set when the previous holder died without releasing
-    (e.g. kill -9); the CLI should print ``lock.stale_message``.
+    (e.g. kill -9); the caller prints ``lock.stale_message`` (this class only logs it at
+    debug level, so that the notice appears once).
     """
 
     def __init__(self, run_dir: Path, command: str | None = None) -> None:
@@ -118,7 +119,7 @@ class RunLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -135,8 +136,9 @@ class RunLock:
             previous = LockHolder.from_json(_read_text(fd))
             if previous is not None:
                 # We got the flock, so whoever wrote this is gone (or its pid was reused).
+                # The caller prints stale_message once; a warning here would say it twice.
                 self.stale_holder = previous
-                log.warning("%s", self.stale_message)
+                log.debug("%s", self.stale_message)
             self.holder = LockHolder(
                 pid=os.getpid(), host=socket.gethostname(), started=now_iso(), command=self.command
             )

@@ -25,6 +25,19 @@ _Handler = Callable[[int, FrameType | None], Any] | int | None
 _EXIT_CODES = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGINT: EXIT_SIGINT}
 
 
+def stop_notice(signum: int) -> str:
+    """The one log line that acknowledges a first stop signal.
+
+    Only Ctrl-C has a "press it again" meaning: SIGTERM comes from systemd, cron or ``kill``,
+    where nobody can press anything, so its notice carries no such hint.
+    """
+    name = signal.Signals(signum).name
+    notice = f"received {name}: stopping after the current step and saving a checkpoint"
+    if signum == signal.SIGINT:
+        notice += " (press Ctrl-C again to stop immediately)"
+    return notice
+
+
 class GracefulStop:
     """``with GracefulStop() as stop: ... if stop.requested: checkpoint and leave``.
 
@@ -51,11 +64,7 @@ class GracefulStop:
         name = signal.Signals(signum).name
         if not self.requested:
             self.request(signum)
-            log.warning(
-                "received %s: stopping after the current step and saving a checkpoint "
-                "(press Ctrl-C again to stop immediately)",
-                name,
-            )
+            log.warning("%s", stop_notice(signum))
             return
         if signum == signal.SIGINT:
             self.signal = signum
