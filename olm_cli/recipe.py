@@ -147,6 +147,30 @@ class RunConfig(Section):
 
 
 
+GATE_ANY_DOMAIN = "*"
+
+
+class GateConfig(Section):
+    """Loss budgets a release must meet, against the previous release, before `releases/latest` moves to it."""
+
+    max_regression: dict[str, float] = Field(
+        default_factory=dict,
+        description="Eval domain (or `*`: every domain not named) -> largest allowed increase of its loss over "
+        "the previous release, e.g. `{\"*\": 0.05, code: 0.02}`. Empty: no budgets (a release still needs finite "
+        "weights and every eval domain measured). The first release has nothing to compare with and passes.",
+    )
+    relative: bool = Field(True, description="Budgets are fractions of the previous release's loss (0.05 = 5%); false: absolute nats.")
+
+    @field_validator("max_regression")
+    @classmethod
+    def _budgets_are_non_negative(cls, budgets: dict[str, float]) -> dict[str, float]:
+        # `not value >= 0` also refuses NaN; `.inf` (no budget for that domain) is allowed.
+        bad = [f"{name}: {value}" for name, value in budgets.items() if not value >= 0]
+        if bad:
+            raise ValueError(f"budgets must be zero or more (an allowed loss increase), got {', '.join(bad)}")
+        return budgets
+
+
 class EvalConfig(Section):
     """Held-out sets, one per domain."""
 
@@ -154,6 +178,35 @@ class EvalConfig(Section):
     max_tokens: int = Field(50_000, gt=0, description="Tokens evaluated per domain at most.")
     batch_size: int = Field(8, gt=0, description="Blocks per evaluation forward.")
     after_increment: bool = Field(True, description="Evaluate every domain after each increment and add a row to the continual-learning matrix.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Release gate: loss budgets against the previous release.")
+
+    @model_validator(mode="after")
+    def _gate_can_be_measured(self) -> EvalConfig:
+        """A budget that can never be measured would reject every release (or none): say so now."""
+        budgets = self.gate.max_regression
+        if not budgets:
+            return self
+        if not self.sets:
+            raise ValueError("eval.gate.max_regression needs eval.sets: without eval sets there is no loss to compare")
+        if not self.after_increment:
+            raise ValueError("eval.gate.max_regression needs eval.after_increment: true (the gate compares the eval run after each increment)")
+        unknown = sorted(name for name in budgets if name != GATE_ANY_DOMAIN and name not in self.sets)
+        if unknown:
+            hints = [f"`{close[0]}`" for name in unknown if (close := difflib.get_close_matches(name, list(self.sets), n=1))]
+            hint = f"; did you mean {', '.join(hints)}?" if hints else f"; eval.sets has {', '.join(sorted(self.sets))}"
+            raise ValueError(
+                f"eval.gate.max_regression names domain(s) {', '.join(unknown)} that are not in eval.sets"
+                f"{hint} (`{GATE_ANY_DOMAIN}` means every domain)"
+            )
+        return self
+
+
+class ReleaseConfig(Section):
+    """What serving reads: `RUN/releases/`, written after every completed increment and gated (see `eval.gate`)."""
+
+    enabled: bool = Field(True, description="Write a release (model, tokenizer, model card) after every completed increment; `RUN/releases/latest` moves to it only when it passes the gate.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the released weights (`auto`: the training model's). Only the saved copy is cast.")
+    keep: int = Field(3, gt=0, description="Newest releases kept on disk, released or rejected; the one `releases/latest` points to is never removed.")
 
 
 class Recipe(BaseModel):
@@ -172,6 +225,7 @@ class Recipe(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
 
     @model_validator(mode="after")
     def _stream_has_horizon(self) -> Recipe:

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_recipe, write_recipe
 
 from olm_cli.errors import EXIT_USAGE, RecipeError
-from olm_cli.recipe import load_recipe, parse_override
+from olm_cli.recipe import load_recipe, parse_override, recipe_from_dict
 
 
 def test_valid_recipe_resolves_defaults_and_relative_paths(tmp_path: Path) -> None:
@@ -122,3 +122,42 @@ def test_merge_keys_may_be_overridden_and_safe_load_semantics_are_kept() -> None
     loaded = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     assert loaded["optim"] == {"lr": 0.001, "warmup_steps": 7}
     assert loaded == yaml.safe_load(text)  # dates, YAML 1.1 booleans, strings: all as before
+
+
+def test_release_gate_and_release_sections(tmp_path: Path) -> None:
+    recipe_dict = tiny_recipe(
+        tmp_path,
+        eval={"sets": {"code": "code.jsonl", "prose": "prose.jsonl"},
+              "gate": {"max_regression": {"*": 0.05, "code": 0.02}, "relative": False}},
+        release={"dtype": "bfloat16", "keep": 5},
+    )
+    recipe = load_recipe(write_recipe(tmp_path, recipe_dict))
+    assert recipe.eval.gate.max_regression == {"*": 0.05, "code": 0.02} and recipe.eval.gate.relative is False
+    assert (recipe.release.dtype, recipe.release.keep, recipe.release.enabled) == ("bfloat16", 5, True)
+    default = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path)))
+    assert default.eval.gate.max_regression == {} and default.release.dtype == "auto"
+    overridden = load_recipe(write_recipe(tmp_path, recipe_dict), ["eval.gate.max_regression.prose=0.1"])
+    assert overridden.eval.gate.max_regression["prose"] == 0.1
+
+
+@pytest.mark.parametrize(("eval_section", "release", "message"), [
+    ({"sets": {"code": "c.jsonl"}, "gate": {"max_regression": {"cod": 0.1}}}, {},
+     "eval: eval.gate.max_regression names domain(s) cod that are not in eval.sets; did you mean `code`?"),
+    ({"sets": {"code": "c.jsonl"}, "gate": {"max_regression": {"prose": 0.1}}}, {},
+     "names domain(s) prose that are not in eval.sets; eval.sets has code (`*` means every domain)"),
+    ({"sets": {"code": "c.jsonl"}, "gate": {"max_regression": {"*": -0.1, "code": float("nan")}}}, {},
+     "eval.gate.max_regression: budgets must be zero or more (an allowed loss increase), got *: -0.1, code: nan"),
+    ({"gate": {"max_regression": {"*": 0.1}}}, {},
+     "eval: eval.gate.max_regression needs eval.sets: without eval sets there is no loss to compare"),
+    ({"sets": {"code": "c.jsonl"}, "after_increment": False, "gate": {"max_regression": {"*": 0.1}}}, {},
+     "eval.gate.max_regression needs eval.after_increment: true"),
+    ({"gate": {"relativ": True}}, {}, "eval.gate.relativ: unknown key; did you mean `relative`?"),
+    ({}, {"dtype": "int8"}, "release.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+    ({}, {"keep": 0}, "release.keep: Input should be greater than 0"),
+])
+def test_release_gate_validation(tmp_path: Path, eval_section: dict, release: dict, message: str) -> None:
+    recipe_dict = tiny_recipe(tmp_path, eval=eval_section, release=release)
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(recipe_dict, "r.yaml")
+    assert message in str(info.value)
+    assert info.value.exit_code == EXIT_USAGE

@@ -92,6 +92,12 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
             "path": str(choice.path.resolve()),
         }
 
+    # Imported here: olm_cli.release imports olm_cli.rundir, whose __init__ imports this module.
+    from olm_cli.release import release_status
+
+    releases = release_status(run_dir)
+    problems.extend(releases["problems"])
+
     holder = read_holder(run_dir)
     return {
         "run_dir": str(run_dir.resolve()),
@@ -99,6 +105,8 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
         "shards": shards,
         "tokens_trained": tokens,
         "last_checkpoint": last_checkpoint,
+        "release": releases["release"],
+        "last_gate": releases["last_gate"],
         "last_eval": last_json_line(run_dir / "eval" / "history.jsonl"),
         "last_metrics": last_json_line(run_dir / "metrics.jsonl"),
         "lock": holder.to_dict() if holder else None,
