@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from olm_cli.errors import CheckpointError
+from olm_cli.errors import CheckpointLoadError
 
 _TENSOR = "__tensor__"
 _NDARRAY = "__ndarray__"
@@ -60,11 +61,22 @@ def save_tree(prefix: Path, tree: dict[str, Any]) -> None:
 
 
 def load_tree(prefix: Path) -> dict[str, Any]:
+    """The tree ``save_tree(prefix, ...)`` wrote; unreadable files raise CheckpointLoadError.
+
+    The error names the directory holding the files (a checkpoint), so the caller can fall
+    back to an older checkpoint instead of failing every night on the same file.
+    """
     structure_path = prefix.with_suffix(".json")
+    tensor_path = prefix.with_suffix(".safetensors")
     try:
         structure = json.loads(structure_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{structure_path}: cannot read saved state ({exc})") from None
-    tensor_path = prefix.with_suffix(".safetensors")
-    tensors = load_file(str(tensor_path)) if tensor_path.exists() else {}
-    return _unflatten(structure, tensors)
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointLoadError(prefix.parent, f"{structure_path.name} is unreadable ({exc})") from None
+    try:
+        tensors = load_file(str(tensor_path)) if tensor_path.exists() else {}
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointLoadError(prefix.parent, f"{tensor_path.name} is unreadable ({exc})") from None
+    try:
+        return _unflatten(structure, tensors)
+    except KeyError as exc:
+        raise CheckpointLoadError(prefix.parent, f"{structure_path.name} names tensor {exc} that {tensor_path.name} lacks") from None

@@ -8,16 +8,25 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from olm_cli.errors import CheckpointError
+from olm_cli.errors import CheckpointError, CheckpointLoadError
 from olm_cli.rundir import atomic as atomic_mod
 from olm_cli.rundir import checkpoint as checkpoint_mod
-from olm_cli.rundir.checkpoint import CheckpointManager
+from olm_cli.rundir.checkpoint import (
+    CheckpointFallback,
+    CheckpointManager,
+    CheckpointVerifyError,
+    format_bytes,
+    loading_checkpoint,
+)
 
 
 def writer(tag: str) -> Callable[[Path], None]:
@@ -84,8 +93,10 @@ def test_enospc_midway_leaves_previous_checkpoint_untouched(manager: CheckpointM
 
     with pytest.raises(CheckpointError) as info:
         manager.save(140, fill_disk)
+    # The previous checkpoint (424 bytes) would fit in what is free: the free space is the bound.
     assert str(info.value) == (
-        "could not write checkpoint step-00000140: [Errno 28] No space left on device"
+        "could not write checkpoint step-00000140: No space left on device "
+        f"(needs more than the {format_bytes(shutil.disk_usage(manager.root).free)} free on {manager.root})"
     )
     assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000120"]
     assert manager.latest() == good
@@ -101,7 +112,7 @@ def test_failing_fsync_is_a_checkpoint_error_and_nothing_moves(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(CheckpointError, match=r"step-00000002: \[Errno 28\] No space left"):
+    with pytest.raises(CheckpointError, match=r"step-00000002: No space left on device \(needs more than"):
         manager.save(2, writer("two"))
     monkeypatch.undo()
     assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
@@ -198,7 +209,6 @@ def test_no_checkpoint_at_all(manager: CheckpointManager):
 def test_dangling_latest_uses_newest_that_verifies(manager: CheckpointManager):
     manager.save(1, writer("one"))
     two = manager.save(2, writer("two"))
-    import shutil
 
     shutil.rmtree(two)
     choice = manager.resolve_latest()
@@ -303,6 +313,16 @@ def test_real_full_disk_keeps_previous_checkpoint(full_disk: Path, serializer: s
     ) as info:
         manager.save(2, write)
     assert "\n" not in str(info.value)
+    # However the serializer put it, the message says what happened and what it takes.
+    # The 800 KB write outgrew the previous checkpoint: what it wrote, or else what is free,
+    # bounds what it needs (safetensors deletes its partial file).
+    size = r"\d+(\.\d)? (bytes|KiB)"
+    root = re.escape(str(manager.root))
+    assert re.fullmatch(
+        rf"could not write checkpoint step-00000002: No space left on device "
+        rf"\(needs more than ({size}, {size} free|the {size} free) on {root}\)",
+        str(info.value),
+    ), str(info.value)
     assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
     assert manager.latest() == good
     manager.verify(good, deep=True)
@@ -310,3 +330,174 @@ def test_real_full_disk_keeps_previous_checkpoint(full_disk: Path, serializer: s
     del info
     gc.collect()
     manager.save(3, writer("three"))  # the partial checkpoint's space was freed
+
+
+# --------------------------------------------------------------------------- deep verification
+# and fallback (issue 9: bytes flipped in place used to be trained on, exit 0)
+
+
+def flip_bytes(path: Path, offset: int, count: int = 64) -> None:
+    """Invert ``count`` bytes at ``offset`` in place: same size, so only a re-hash can tell."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        data = fh.read(count)
+        fh.seek(offset)
+        fh.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_deep_verify_names_the_file_flipped_in_place(manager: CheckpointManager):
+    path = manager.save(100, writer("old"))
+    flip_bytes(path / "model.safetensors", 100, 64)
+
+    manager.verify(path)  # sizes still match
+    with pytest.raises(CheckpointVerifyError) as info:
+        manager.verify(path, deep=True)
+    assert info.value.reason == "model.safetensors does not match its sha256"
+    assert str(info.value) == f"{path}: model.safetensors does not match its sha256"
+
+
+def test_hashed_files_are_checked_by_the_cheap_verify(manager: CheckpointManager):
+    path = manager.save(100, writer("old"))
+    flip_bytes(path / "config.json", 0, 4)
+
+    manager.verify(path, hashed=("model.safetensors",))  # only the named files are read
+    with pytest.raises(CheckpointVerifyError, match="config.json does not match its sha256"):
+        manager.verify(path, hashed=("config.json",))
+
+
+def test_fallback_rejects_each_checkpoint_once_and_names_where_it_lands(manager: CheckpointManager):
+    one = manager.save(4, writer("one"))
+    two = manager.save(8, writer("two"))
+    three = manager.save(12, writer("three"))
+    (two / "config.json").write_text("{}")  # wrong size: the cheap check rejects it
+    fallback = CheckpointFallback(manager)
+
+    first = fallback.choose()
+    assert first.path == three and first.warnings == []
+    fallback.reject(three, "model.safetensors does not match its sha256")  # found by the deep check
+    second = fallback.choose()
+
+    assert second.path == one
+    assert second.warnings == [
+        "checkpoint step-00000012 is unusable (model.safetensors does not match its sha256); "
+        "falling back to step-00000004",
+        "checkpoint step-00000008 is unusable (config.json is 2 bytes, manifest says 14); "
+        "falling back to step-00000004",
+    ]
+    fallback.reject(one, "cannot load optimizer.pt (bad)")
+    last = fallback.choose()
+    assert last.path is None
+    assert last.warnings == ["checkpoint step-00000004 is unusable (cannot load optimizer.pt (bad)); "
+                             "no older checkpoint verifies"]  # the others were reported already
+
+
+def test_no_usable_checkpoint_is_one_error_listing_every_reason(manager: CheckpointManager):
+    old = manager.save(4, writer("one"))
+    new = manager.save(8, writer("two"))
+    flip_bytes(new / "model.safetensors", 0)
+    (old / "config.json").unlink()
+    fallback = CheckpointFallback(manager)
+
+    assert fallback.choose(deep=True).path is None
+    error = fallback.none_usable("move it aside")
+
+    assert str(error) == (
+        f"no usable checkpoint in {manager.root}: "
+        "step-00000008 (model.safetensors does not match its sha256); "
+        "step-00000004 (config.json is missing). move it aside"
+    )
+    assert not isinstance(error, CheckpointLoadError) and "\n" not in str(error)
+
+
+def test_loading_checkpoint_turns_reader_failures_into_one_line(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4)}, str(weights))
+    flip_bytes(weights, 8, 16)  # inside the JSON header
+    optimizer = tmp_path / "optimizer.pt"
+    torch.save({"state": {0: {"exp_avg": torch.zeros(4)}}}, optimizer)
+    flip_bytes(optimizer, 0, 64)
+
+    with pytest.raises(CheckpointLoadError) as header:
+        with loading_checkpoint(tmp_path, "the model"):
+            load_file(str(weights))
+    assert header.value.path == tmp_path
+    assert header.value.reason.startswith("cannot load the model (Error while deserializing header")
+
+    with pytest.raises(CheckpointLoadError) as pickled:
+        with loading_checkpoint(tmp_path, "optimizer.pt"):
+            torch.load(optimizer, weights_only=True)
+    # torch's paragraph of advice about weights_only is cut down to what went wrong.
+    assert re.fullmatch(r"cannot load optimizer.pt \(not a valid torch file: .+\)", pickled.value.reason)
+    assert "\n" not in str(pickled.value)
+
+
+def test_loading_checkpoint_lets_memory_and_recipe_errors_through(tmp_path: Path):
+    with pytest.raises(MemoryError):
+        with loading_checkpoint(tmp_path, "the model"):
+            raise MemoryError
+    with pytest.raises(CheckpointError, match="another policy") as kept:
+        with loading_checkpoint(tmp_path, "the replay buffer", keep=(CheckpointError,)):
+            raise CheckpointError("snapshot written by another policy")
+    assert not isinstance(kept.value, CheckpointLoadError)
+    with pytest.raises(CheckpointLoadError, match=r"cannot load the RNG state \(KeyError 'torch'\)"):
+        with loading_checkpoint(tmp_path, "the RNG state"):
+            raise KeyError("torch")
+
+
+def test_load_tree_reports_unreadable_state_as_load_error(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    from olm_cli.state_files import load_tree, save_tree
+
+    save_tree(tmp_path / "parts", {"selector": {"centroids": torch.ones(3)}, "batch": {"n": 1}})
+    assert load_tree(tmp_path / "parts")["batch"] == {"n": 1}
+    flip_bytes(tmp_path / "parts.safetensors", 8, 8)
+    with pytest.raises(CheckpointLoadError, match=r"parts.safetensors is unreadable") as bad_tensors:
+        load_tree(tmp_path / "parts")
+    assert bad_tensors.value.path == tmp_path
+    (tmp_path / "parts.json").write_bytes(b"\xff{not json")
+    with pytest.raises(CheckpointLoadError, match=r"parts.json is unreadable"):
+        load_tree(tmp_path / "parts")
+
+
+# --------------------------------------------------------------------------- write failures
+
+
+def test_full_disk_estimate_is_the_previous_checkpoint(manager: CheckpointManager, monkeypatch):
+    good = manager.save(2, writer("a" * 5000))  # about 500 KB
+    size = sum(f["size"] for f in json.loads((good / "MANIFEST.json").read_text())["files"])
+    monkeypatch.setattr(checkpoint_mod.shutil, "disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+
+    def short_write(directory: Path) -> None:  # what torch.save raises on a full disk
+        (directory / "optimizer.pt").write_bytes(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 192 vs 86")
+
+    with pytest.raises(CheckpointError) as info:
+        manager.save(4, short_write)
+    assert str(info.value) == (
+        f"could not write checkpoint step-00000004: No space left on device "
+        f"(needs about {format_bytes(size)}, 1000 bytes free on {manager.root})"
+    )
+    assert format_bytes(size).endswith("KiB")
+
+
+def test_other_write_failures_keep_their_reason_and_bugs_propagate(manager: CheckpointManager):
+    def denied(directory: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(directory / "optimizer.pt"))
+
+    with pytest.raises(CheckpointError, match=r"step-00000001: \[Errno 13\] Permission denied: '.*optimizer.pt'$"):
+        manager.save(1, denied)
+
+    def bug(directory: Path) -> None:  # a RuntimeError that is not a serializer's I/O report
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    with pytest.raises(RuntimeError, match="same device"):
+        manager.save(1, bug)
+    assert manager.list() == []
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (0, 1023, 1024, 12_900_000, 3 * 2**30)] == [
+        "0 bytes", "1023 bytes", "1.0 KiB", "12.3 MiB", "3.0 GiB"]

@@ -5,24 +5,31 @@ file's size and sha256), fsynced, renamed to ``step-N/`` and only then published
 the ``latest`` symlink with one atomic ``os.replace``. A crash or a full disk at any point
 leaves the previous checkpoint and ``latest`` as they were; the leftover temp directory is
 removed on the next start. When ``latest`` nevertheless points at something broken (a disk
-that lied about fsync, a human with ``rm``), :meth:`CheckpointManager.latest` falls back to
+that lied about fsync, a human with ``rm``, bytes flipped in place), the reader falls back to
 the newest checkpoint that verifies, and says so.
+
+Verifying has two depths. The cheap one (manifest, presence, sizes) reads no file, so a night
+with nothing to do stays fast; the deep one re-hashes every file against the manifest and must
+pass before a checkpoint is trained on, evaluated or merged. A checkpoint that verifies but
+still cannot be loaded (written bad, by a bug or another version) is rejected the same way:
+:class:`CheckpointFallback` walks back to older checkpoints and reports each rejection once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from olm_cli.errors import CheckpointError
+from olm_cli.errors import CheckpointError, CheckpointLoadError
 from olm_cli.rundir.atomic import fsync_dir, fsync_file, write_json_atomic
 from olm_cli.rundir.ledger import now_iso, sha256_file
 
@@ -33,6 +40,8 @@ _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-step-"
 _TRASH_PREFIX = ".trash-step-"
 _LINK_TMP_PREFIX = ".latest.tmp-"
+# How torch.save reports a failed write (it raises neither OSError nor an errno).
+_TORCH_WRITE_MARKERS = ("inline_container", "unexpected pos", "PytorchStreamWriter")
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +58,73 @@ def step_of(path: Path) -> int:
     return int(match.group(1))
 
 
+class CheckpointVerifyError(CheckpointError):
+    """A checkpoint does not match its manifest; ``reason`` says how, without the path."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a checkpoint's manifest; CheckpointError says what is wrong."""
+    """Parse and sanity-check a checkpoint's manifest; CheckpointVerifyError says what is wrong."""
     manifest_path = Path(path) / MANIFEST_FILENAME
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: {MANIFEST_FILENAME} is missing (incomplete checkpoint)"
-        ) from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: {MANIFEST_FILENAME} is unreadable: {exc}") from exc
+        raise CheckpointVerifyError(path, f"{MANIFEST_FILENAME} is missing (incomplete checkpoint)") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointVerifyError(path, f"{MANIFEST_FILENAME} is unreadable: {exc}") from exc
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != MANIFEST_FORMAT
         or not isinstance(manifest.get("files"), list)
         or not isinstance(manifest.get("step"), int)
     ):
-        raise CheckpointError(f"{path}: {MANIFEST_FILENAME} is malformed")
+        raise CheckpointVerifyError(path, f"{MANIFEST_FILENAME} is malformed")
     return manifest
+
+
+def verify_checkpoint(path: Path, *, deep: bool = False, hashed: Collection[str] = ()) -> None:
+    """Raise :class:`CheckpointVerifyError` unless ``path`` matches its manifest.
+
+    The default checks presence and sizes: it reads no file, so planning a night with nothing
+    to do stays cheap, and it catches truncation and partial copies. ``deep`` also re-hashes
+    every file (streamed in 1 MiB chunks), which catches bytes changed in place at the same
+    size; it must pass before anything in the checkpoint is used. ``hashed`` names files to
+    re-hash even when not ``deep``: small ones a caller is about to trust (the trainer state
+    that planning reads).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointVerifyError(path, "not a directory")
+    manifest = read_manifest(path)
+    with contextlib.suppress(ValueError):
+        if manifest["step"] != step_of(path):
+            raise CheckpointVerifyError(
+                path, f"manifest says step {manifest['step']}, directory name disagrees"
+            )
+    for item in manifest["files"]:
+        try:
+            rel, size, digest = str(item["path"]), int(item["size"]), str(item["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointVerifyError(path, f"{MANIFEST_FILENAME} is malformed") from None
+        file = path / rel
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointVerifyError(path, f"{rel} is missing") from None
+        if actual != size:
+            raise CheckpointVerifyError(path, f"{rel} is {actual} bytes, manifest says {size}")
+        if (deep or rel in hashed) and sha256_file(file) != digest:
+            raise CheckpointVerifyError(path, f"{rel} does not match its sha256")
 
 
 @dataclass(frozen=True)
 class RejectedCheckpoint:
+    """A checkpoint passed over, and why (a reason without the path, for one warning line)."""
+
     path: Path
     reason: str
 
@@ -90,6 +143,79 @@ class LatestChoice:
             + (f"falling back to {self.path.name}" if self.path else "no older checkpoint verifies")
             for r in self.rejected
         ]
+
+
+class CheckpointFallback:
+    """Walks back from ``latest`` as checkpoints prove unusable, reporting each one once.
+
+    Planning chooses with the cheap check; a closer look (re-hashing every file, loading the
+    weights and optimizer) can still reject the choice. :meth:`reject` records that, and the
+    next :meth:`choose` skips every checkpoint rejected so far and returns a choice whose
+    ``warnings`` cover exactly the rejections not reported yet, each naming the checkpoint
+    the run falls back to.
+    """
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self.rejected: list[RejectedCheckpoint] = []
+        self._unreported: list[RejectedCheckpoint] = []
+
+    def choose(self, *, deep: bool = False, hashed: Collection[str] = ()) -> LatestChoice:
+        choice = self.manager.resolve_latest(
+            deep=deep, hashed=hashed, skip={r.path for r in self.rejected}
+        )
+        self.rejected.extend(choice.rejected)
+        report = LatestChoice(choice.path, self._unreported + choice.rejected)
+        self._unreported = []
+        return report
+
+    def reject(self, path: Path, reason: str) -> None:
+        rejected = RejectedCheckpoint(Path(path), reason)
+        self.rejected.append(rejected)
+        self._unreported.append(rejected)
+
+    def none_usable(self, advice: str = "") -> CheckpointError:
+        """The error when every checkpoint was rejected: each one with its reason, in one line."""
+        listed = "; ".join(f"{r.path.name} ({r.reason})" for r in self.rejected)
+        return CheckpointError(
+            f"no usable checkpoint in {self.manager.root}: {listed}" + (f". {advice}" if advice else "")
+        )
+
+
+@contextlib.contextmanager
+def loading_checkpoint(
+    path: Path, what: str, *, keep: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Report any failure to load ``what`` from checkpoint ``path`` as CheckpointLoadError.
+
+    The readers (transformers, ``torch.load``, safetensors, json) fail in dozens of ways on
+    a bad file; whichever it is, the checkpoint is unusable and the caller falls back to an
+    older one, so it becomes one error with a one-line reason, never a traceback. ``keep``
+    lists errors that are about the recipe rather than the files (a replay snapshot written
+    by another policy) and propagate unchanged, as does running out of memory.
+    """
+    try:
+        yield
+    except CheckpointLoadError:
+        raise
+    except keep:
+        raise
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise CheckpointLoadError(path, f"cannot load {what} ({one_line(exc)})") from exc
+
+
+def one_line(exc: BaseException) -> str:
+    """A short, single-line account of ``exc``: torch's errors run to paragraphs of advice."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:  # torch.load(weights_only=True) on bytes it cannot unpickle
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0].strip()
+        return f"not a valid torch file: {detail}" if detail else "not a valid torch file"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line or isinstance(exc, KeyError):
+        line = f"{type(exc).__name__} {line}".strip()
+    return line.split(". ", 1)[0][:300]
 
 
 class CheckpointManager:
@@ -162,6 +288,7 @@ class CheckpointManager:
             linked = True
             fsync_dir(self.root)
         except BaseException as exc:
+            written = _tree_bytes(final if published else tmp)  # measured before cleaning up
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmp, ignore_errors=True)
                 if linked:
@@ -170,17 +297,38 @@ class CheckpointManager:
                     shutil.rmtree(final, ignore_errors=True)
                 if trashed:
                     os.rename(trash, final)
-            if isinstance(exc, OSError):
-                raise CheckpointError(f"could not write checkpoint {name}: {exc}") from exc
-            if _is_write_failure(exc):
-                raise CheckpointError(
-                    f"could not write checkpoint {name}: {exc}{_free_space_note(self.root)}"
-                ) from exc
-            raise
+            failure = _write_failure(exc)
+            if failure is None:
+                raise
+            if _is_no_space(exc):
+                failure = f"No space left on device ({self._space_note(previous, written)})"
+            raise CheckpointError(f"could not write checkpoint {name}: {failure}") from exc
         if trashed:
             shutil.rmtree(trash, ignore_errors=True)
         self.prune()
         return final
+
+    def _space_note(self, previous: Path | None, written: int) -> str:
+        """``needs about X, Y free on ROOT``: what a full disk must make room for.
+
+        The previous checkpoint's size is the best estimate of the next one's; what was
+        written before the disk filled is a lower bound (some writers delete their partial
+        file, so it may be near zero). The write failed, so whatever is free now (partial
+        files removed) is a lower bound too, and is what the message falls back to.
+        """
+        before = _checkpoint_bytes(previous) if previous is not None else 0
+        try:
+            free: int | None = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        floor = max(written, free or 0)
+        if before > floor:
+            needs = f"needs about {format_bytes(before)}"
+        elif free is None or written > free:
+            needs = f"needs more than {format_bytes(written)}"
+        else:
+            return f"needs more than the {format_bytes(free)} free on {self.root}"
+        return needs if free is None else f"{needs}, {format_bytes(free)} free on {self.root}"
 
     def _restore_latest(self, previous: Path | None) -> None:
         if previous is None:
@@ -286,46 +434,24 @@ class CheckpointManager:
         ]
         return sorted(found, key=step_of)
 
-    def verify(self, path: Path, deep: bool = False) -> None:
-        """Raise :class:`CheckpointError` unless ``path`` matches its manifest.
+    def verify(self, path: Path, deep: bool = False, *, hashed: Collection[str] = ()) -> None:
+        """Raise :class:`CheckpointVerifyError` unless ``path`` matches its manifest
+        (see :func:`verify_checkpoint`)."""
+        verify_checkpoint(path, deep=deep, hashed=hashed)
 
-        The default checks presence and sizes (cheap, catches truncation and partial
-        copies); ``deep`` also re-hashes every file (reads the whole checkpoint).
-        """
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a directory")
-        manifest = read_manifest(path)
-        with contextlib.suppress(ValueError):
-            if manifest["step"] != step_of(path):
-                raise CheckpointError(
-                    f"{path}: manifest says step {manifest['step']}, directory name disagrees"
-                )
-        for item in manifest["files"]:
-            try:
-                rel, size, digest = str(item["path"]), int(item["size"]), str(item["sha256"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: {MANIFEST_FILENAME} is malformed") from None
-            file = path / rel
-            try:
-                actual = file.stat().st_size
-            except FileNotFoundError:
-                raise CheckpointError(f"{path}: {rel} is missing") from None
-            if actual != size:
-                raise CheckpointError(f"{path}: {rel} is {actual} bytes, manifest says {size}")
-            if deep and sha256_file(file) != digest:
-                raise CheckpointError(f"{path}: {rel} does not match its sha256 in the manifest")
-
-    def resolve_latest(self, *, deep: bool = False) -> LatestChoice:
+    def resolve_latest(
+        self, *, deep: bool = False, hashed: Collection[str] = (), skip: Collection[Path] = ()
+    ) -> LatestChoice:
         """Pick the checkpoint to resume from without logging (``olm status`` uses this).
 
-        ``latest``'s target if it verifies, else the newest checkpoint that does.
+        ``latest``'s target if it verifies, else the newest checkpoint that does. ``skip``
+        holds checkpoints already rejected (they are neither tried nor reported again).
         """
         rejected: list[RejectedCheckpoint] = []
-        tried: set[Path] = set()
+        tried: set[Path] = set(skip)
         target = self._latest_target()
         link = self.root / LATEST_LINK
-        if target is None and link.is_symlink():
+        if target is None and link.is_symlink() and link not in tried:
             rejected.append(RejectedCheckpoint(link, f"points to missing {os.readlink(link)}"))
         candidates = ([target] if target is not None else []) + list(reversed(self.list()))
         for path in candidates:
@@ -333,9 +459,9 @@ class CheckpointManager:
                 continue
             tried.add(path)
             try:
-                self.verify(path, deep=deep)
-            except CheckpointError as exc:
-                rejected.append(RejectedCheckpoint(path, str(exc)))
+                self.verify(path, deep=deep, hashed=hashed)
+            except CheckpointVerifyError as exc:
+                rejected.append(RejectedCheckpoint(path, exc.reason))
                 continue
             return LatestChoice(path, rejected)
         return LatestChoice(None, rejected)
@@ -359,22 +485,57 @@ class CheckpointManager:
         return path
 
 
-def _is_write_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is how a serializer reports an I/O failure (measured on a full tmpfs).
+def _write_failure(exc: BaseException) -> str | None:
+    """One line describing a failed checkpoint write, or None if ``exc`` is not one (a bug, Ctrl-C).
 
-    ``torch.save(obj, path)`` raises ``RuntimeError("[enforce fail at inline_container.cc]
-    unexpected pos ...")`` and ``save_pretrained`` (safetensors) raises ``SafetensorError("...
-    I/O error: No space left on device")``; neither is an ``OSError`` nor carries an errno.
+    Measured on a full tmpfs: ``torch.save(obj, path)`` raises ``RuntimeError("[enforce fail
+    at inline_container.cc:...] . unexpected pos N vs M")`` and ``save_pretrained``
+    (safetensors) raises ``SafetensorError("... I/O error: No space left on device")``;
+    neither is an ``OSError`` nor carries an errno.
     """
-    return isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError"
+    if isinstance(exc, OSError):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_MARKERS):
+        return one_line(exc)
+    if type(exc).__name__ == "SafetensorError":
+        return one_line(exc)
+    return None
 
 
-def _free_space_note(path: Path) -> str:
+def _is_no_space(exc: BaseException) -> bool:
+    """A full disk, however the writer put it (torch's short write shows as ``unexpected pos``)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return "No space left" in str(exc) or "unexpected pos" in str(exc)
+
+
+def format_bytes(count: float) -> str:
+    """``12.3 MiB``: binary units, one decimal, for messages about disk space."""
+    if count < 1024:
+        return f"{int(count)} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        count /= 1024
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} TiB"
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory`` (0 when it is gone); never raises."""
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for filename in filenames:
+            with contextlib.suppress(OSError):
+                total += (Path(dirpath) / filename).stat().st_size
+    return total
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    """A checkpoint's size from its manifest (what it took to write), else from the disk."""
     try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return ""
-    return f" ({free / 2**20:.0f} MiB free on the checkpoint disk)"
+        return sum(int(item["size"]) for item in read_manifest(path)["files"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return _tree_bytes(path)
 
 
 def _describe_files(directory: Path) -> list[dict[str, Any]]:
