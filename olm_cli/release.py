@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from rich.markup import escape
 
 from olm_cli.errors import CheckpointError
 from olm_cli.recipe import GATE_ANY_DOMAIN, GateConfig, Recipe
@@ -493,7 +494,7 @@ def publish_release(
     result = ReleaseResult(verdict.passed, path, verdict.reasons, verdict.details, increment,
                            latest.name if latest else None)
     if console is not None:
-        console.print(result.message if result.released else f"[yellow]{result.message}[/]", highlight=False)
+        console.print(escape(result.message), style=None if result.released else "yellow", highlight=False)
     return result
 
 
@@ -541,9 +542,11 @@ def _write_release_files(
     baseline: Baseline | None,
 ) -> None:
     """Everything a release holds, then its manifest, all fsynced (the caller renames it into place)."""
+    from olm_cli.modeling import save_tokenizer
+
     save_model.save_pretrained(directory, state_dict=cast, safe_serialization=True)
     _set_config_dtype(directory / "config.json", info["dtype"])
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)  # after config.json: it takes model_max_length from there
     write_json_atomic(directory / RELEASE_INFO, info)
     write_bytes_atomic(directory / MODEL_CARD, model_card(recipe, info, baseline).encode("utf-8"))
     apply_umask(directory)  # safetensors writes 0600; a serving user must be able to read a release
@@ -633,8 +636,10 @@ def _eval_table(recipe: Recipe, results: Mapping[str, Mapping[str, float]], base
             change = f"{delta:+.4f}" + (f" ({delta / before:+.1%})" if before > 0 else "")
         else:
             change = "n/a"
-        lines.append(f"| {domain} | {float(result['loss']):.4f} | {float(result['perplexity']):.2f} | "
-                     f"{int(result['tokens']):,} | {change} |")
+        loss = float(result.get("loss", math.nan))
+        perplexity = float(result.get("perplexity", math.exp(min(loss, 50.0))))
+        tokens = f"{int(result['tokens']):,}" if "tokens" in result else "?"
+        lines.append(f"| {domain} | {loss:.4f} | {perplexity:.2f} | {tokens} | {change} |")
     return lines
 
 

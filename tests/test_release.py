@@ -64,9 +64,15 @@ def test_release_layout_card_and_plain_from_pretrained(tmp_path: Path, model: to
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = make_recipe(tmp_path)
-    result = publish(tmp_path, recipe, model, tokenizer, 7, results(alpha=2.0, beta=3.0))
+    old_umask = os.umask(0o022)
+    try:
+        result = publish(tmp_path, recipe, model, tokenizer, 7, results(alpha=2.0, beta=3.0))
+    finally:
+        os.umask(old_umask)
 
     release = tmp_path / "run" / "releases" / "release-0007"
+    # A serving user must be able to read it (safetensors alone writes 0600).
+    assert {oct(p.stat().st_mode & 0o777) for p in release.iterdir()} == {"0o644"}
     assert result.released and result.path == release and result.reasons == [] and result.latest == "release-0007"
     assert latest_name(tmp_path) == "release-0007"  # relative: the run directory can move
     files = {p.name for p in release.iterdir()}
