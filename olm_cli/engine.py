@@ -192,6 +192,7 @@ class Trainer:
         optimizer = build_optimizer(model, recipe)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.stream = self._make_stream()
+        self.stream.warn = lambda message: self._say(f"[yellow]warning:[/] {message}")
 
         self.step = 0  # optimizer steps in this increment
         self.tokens = 0  # tokens trained in this increment (new + replay)
@@ -263,6 +264,9 @@ class Trainer:
             domain_pattern=data.domain_pattern,
             domain_field=data.domain_field,
             min_block_tokens=data.min_block_tokens,
+            max_document_tokens=data.max_document_tokens,
+            long_documents=data.long_documents,
+            warn=None,  # only the training stream reports long documents (see setup)
         )
 
     def _horizon(self) -> int:
@@ -337,7 +341,7 @@ class Trainer:
 
         assert self.replay is not None
         cap = self.recipe.replay.seed_samples
-        paths = discover_shards(self.recipe.replay.seed_from)
+        paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
         self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
         # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
         blocks = self._make_stream(paths).take(cap)
@@ -487,7 +491,7 @@ class Trainer:
     def _mark_finished_shards(self) -> None:
         for shard in self.stream.take_finished_shards():
             if shard in self.ledger:
-                self.ledger.mark_done(shard, 0, self.increment)
+                self.ledger.mark_done(shard, 0, self.increment, long_documents=self.stream.long_document_counts(shard))
 
     def _report_plain(self, loss: float, lr: float) -> None:
         """Progress for logs (cron, systemd): a line every tenth of the increment."""

@@ -102,7 +102,8 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
             plan.shards = []  # the dataset was read to its end by an earlier increment
         return plan
 
-    scan = ledger.scan(discover_shards(recipe.data.shards), retrain_changed=recipe.run.retrain_changed)
+    found = discover_shards(recipe.data.shards, allow_empty=recipe.data.allow_empty)
+    scan = ledger.scan(found, retrain_changed=recipe.run.retrain_changed)
     for entry in scan.changed:
         say(f"[yellow]warning:[/] {entry.path} changed after it was trained; skipped (set run.retrain_changed: true to train it again)")
     for entry in scan.duplicates:

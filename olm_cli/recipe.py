@@ -92,6 +92,16 @@ class DataConfig(Section):
     domain_field: str = Field("domain", description="Record field holding the domain when domain_from is `field`.")
     block_size: int = Field(256, gt=1, description="Tokens per packed training block (documents joined with EOS).")
     min_block_tokens: int = Field(8, gt=1, description="Shard tails shorter than this are dropped rather than trained as a short block.")
+    max_document_tokens: int = Field(
+        1_000_000,
+        gt=0,
+        description="Longest document trained as one: far above a book (100-300k tokens), so it only catches data accidents (a dump, a log or a whole corpus in one record) whose one-piece handling would hold millions of tokens in memory and in a checkpoint.",
+    )
+    long_documents: Literal["split", "skip"] = Field(
+        "split",
+        description="A document over `max_document_tokens`: `split` into pieces of at most that many tokens, each packed like a document, or `skip` it. Either way a warning names the shard and record, and the ledger entry counts them.",
+    )
+    allow_empty: bool = Field(False, description="Let a `shards` pattern match no file (then there is simply nothing to do). Off: such a pattern is a recipe error (exit 2), so a typo or an unmounted disk is not mistaken for a quiet night.")
 
     @field_validator("domain_pattern")
     @classmethod

@@ -298,3 +298,134 @@ def test_counts_include_every_status(tmp_path: Path):
 def test_unknown_shard_raises_keyerror_naming_it(tmp_path: Path):
     with pytest.raises(KeyError, match="nope.txt"):
         ShardLedger(tmp_path / "l.json").mark_done(tmp_path / "nope.txt", 1)
+
+
+# ------------------------------------------------------------------ content already trained
+
+
+def test_edited_shard_whose_original_bytes_reappear_under_a_new_name_is_skipped(tmp_path: Path, data: Path):
+    a = shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ledger.mark_done(a, tokens=10, increment=1)
+    a.write_text("alpha, edited")
+    bump_mtime(a)
+    ledger.scan(shards(data))
+    assert ledger.get(a).status is ShardStatus.CHANGED  # its current hash is no longer "alpha"
+
+    b = shard(data, "b.txt", "alpha")  # the trained bytes, under a new name
+    result = ledger.scan(shards(data), retrain_changed=False)
+
+    entry = ledger.get(b)
+    assert entry.status is ShardStatus.SKIPPED and result.duplicates == [entry]
+    assert entry.reason == f"same content as {a.resolve()}, already trained (sha256 {entry.sha256[:12]})"
+    assert result.pending == []
+
+
+def test_change_and_change_back_is_skipped_even_with_retrain_changed(tmp_path: Path, data: Path):
+    a = shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ledger.mark_in_progress(a, 1)
+    ledger.mark_done(a, tokens=10, increment=1)
+    a.write_text("alpha, edited")
+    bump_mtime(a)
+    ledger.scan(shards(data))
+    a.write_text("alpha")
+    bump_mtime(a)
+
+    result = ledger.scan(shards(data), retrain_changed=True)
+
+    entry = ledger.get(a)
+    assert entry.status is ShardStatus.SKIPPED and result.duplicates == [entry]
+    assert "same content as this path, before it was edited, already trained" in (entry.reason or "")
+    assert result.pending == [] and entry.tokens == 10
+    # Edited once more to new bytes: a trained path, so "changed" again, not silently pending.
+    a.write_text("alpha, edited twice")
+    bump_mtime(a)
+    assert [e.path for e in ledger.scan(shards(data)).changed] == [str(a.resolve())]
+
+
+def test_trained_index_survives_save_and_checkpoint_copies(tmp_path: Path, data: Path):
+    a = shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ledger.mark_done(a, tokens=10, increment=1)
+    a.write_text("alpha, edited")
+    bump_mtime(a)
+    ledger.scan(shards(data))
+    ledger.save()
+
+    digest = hashlib.sha256(b"alpha").hexdigest()
+    assert json.loads((tmp_path / "ledger.json").read_text())["trained"] == {digest: str(a.resolve())}
+    for copy in (ShardLedger.load(tmp_path / "ledger.json"),
+                 ShardLedger.resume(tmp_path / "ledger.json", ledger.state_dict())):
+        assert copy.trained_from(digest) == str(a.resolve())
+    # Without a checkpoint nothing is in the weights: the index starts over too.
+    assert ShardLedger.resume(tmp_path / "ledger.json", None).trained_from(digest) is None
+
+
+def test_format_1_ledger_without_an_index_still_loads(tmp_path: Path, data: Path):
+    a = shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ledger.mark_done(a, tokens=10, increment=1)
+    old = ledger.state_dict()
+    del old["trained"]
+    for entry in old["shards"]:
+        del entry["split_documents"], entry["skipped_documents"]
+    (tmp_path / "ledger.json").write_text(json.dumps(old))
+
+    loaded = ShardLedger.load(tmp_path / "ledger.json")
+
+    assert loaded.trained_from(hashlib.sha256(b"alpha").hexdigest()) == str(a.resolve())  # rebuilt
+    shard(data, "copy.txt", "alpha")
+    assert loaded.scan(shards(data)).duplicates[0].path == str((data / "copy.txt").resolve())
+
+
+def test_long_document_counts_are_recorded_on_done(tmp_path: Path, data: Path):
+    a = shard(data, "a.txt", "alpha")
+    ledger = ShardLedger(tmp_path / "ledger.json")
+    ledger.scan(shards(data))
+    ledger.mark_done(a, increment=1, long_documents={"split": 2, "skipped": 1})
+    ledger.save()
+    entry = ShardLedger.load(tmp_path / "ledger.json").get(a)
+    assert (entry.split_documents, entry.skipped_documents) == (2, 1)
+
+
+# ------------------------------------------------------------------ files that are not files
+
+
+def test_fifo_device_loop_and_broken_link_are_quarantined_never_opened(tmp_path: Path, data: Path, monkeypatch):
+    good = shard(data, "a.txt", "alpha")
+    os.mkfifo(data / "pipe.txt")  # opening it for reading would block forever
+    (data / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    (data / "loop.txt").symlink_to(data / "loop.txt")
+    (data / "gone.txt").symlink_to(data / "nowhere.txt")
+    opened: list[str] = []
+    real = ledger_mod.sha256_file
+    monkeypatch.setattr(ledger_mod, "sha256_file", lambda p: opened.append(Path(p).name) or real(p))
+    ledger = ShardLedger(tmp_path / "ledger.json")
+
+    paths = [good, data / "pipe.txt", data / "zero.txt", data / "loop.txt", data / "gone.txt"]
+    result = ledger.scan(paths)
+
+    assert opened == ["a.txt"]
+    reasons = {Path(e.path).name: (e.status, e.reason) for e in result.unreadable}
+    assert reasons == {
+        "pipe.txt": (ShardStatus.QUARANTINED, "not a regular file (FIFO)"),
+        "zero.txt": (ShardStatus.QUARANTINED, "not a regular file (character device)"),
+        "loop.txt": (ShardStatus.QUARANTINED, "symlink loop"),
+        "gone.txt": (ShardStatus.QUARANTINED, "broken symlink"),
+    }
+    assert [Path(e.path).name for e in result.pending] == ["a.txt"]
+    # Keyed by the link's own path, so the report names what is in the folder, not /dev/zero.
+    assert ledger.get(data / "pipe.txt").path == str(data / "pipe.txt")
+    assert str(data / "zero.txt") in {e.path for e in ledger.entries}
+    assert ledger.scan(paths).unreadable == []  # reported once, stays quarantined
+
+
+def test_sha256_file_refuses_a_fifo_without_blocking(tmp_path: Path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ledger_mod.NotARegularFileError, match=r"not a regular file \(FIFO\)"):
+        ledger_mod.sha256_file(tmp_path / "pipe")

@@ -5,6 +5,11 @@ Cron runs ``olm train`` every night while new shards land in a data directory. T
 trained exactly once, a shard that changes after training is reported instead of silently
 trained again, and one unreadable shard is quarantined instead of failing every night.
 
+Training is also keyed by content: the ledger keeps the sha256 of every byte sequence it has
+ever trained (``trained``, hash -> first path), including content whose file was edited
+afterwards. A file whose bytes are in that index, under a new name or after an edit and a
+change back, is skipped with a reason naming the original path.
+
 Crash semantics (see docs/run-directory.md): the copy of the ledger stored *inside* a
 checkpoint is authoritative. The engine marks shards done in memory and those marks only
 become durable together with the checkpoint that contains their training. On resume from
@@ -15,9 +20,11 @@ every shard exactly once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -56,12 +63,44 @@ def now_iso() -> str:
 
 
 def sha256_file(path: Path | str) -> str:
-    """Stream a file through sha256 in 1 MiB chunks so multi-GB shards never sit in memory."""
+    """Stream a file through sha256 in 1 MiB chunks so multi-GB shards never sit in memory.
+
+    Opened non-blocking and checked after opening: a FIFO swapped in after the scan's stat
+    would otherwise block the open forever, and a device would never end.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as fh:
+        problem = file_kind_problem(os.fstat(fd).st_mode)
+        if problem is not None:
+            raise NotARegularFileError(problem)
         while chunk := fh.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class NotARegularFileError(OSError):
+    """Raised instead of reading a FIFO, a device or a socket; the message is the reason."""
+
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "directory",
+}
+
+
+def file_kind_problem(mode: int) -> str | None:
+    """Why a file of this ``st_mode`` cannot be a shard, or ``None`` for a regular file.
+
+    Reading a FIFO blocks until a writer appears and a device never ends, so such a file is
+    quarantined from its stat alone and never opened for reading.
+    """
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'unknown kind')})"
 
 
 @dataclass
@@ -73,6 +112,8 @@ class ShardEntry:
     large data directory stay cheap). ``position`` is an engine-defined cursor inside the
     shard (e.g. records consumed) so an ``in_progress`` shard resumes where the checkpoint
     left it. ``tokens`` counts every token trained from this path, across retrains.
+    ``split_documents``/``skipped_documents`` count the documents over
+    ``data.max_document_tokens`` in the last pass over the shard.
     """
 
     path: str
@@ -86,6 +127,8 @@ class ShardEntry:
     reason: str | None = None
     first_seen: str = field(default_factory=now_iso)
     finished_at: str | None = None
+    split_documents: int = 0
+    skipped_documents: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,6 +149,8 @@ class ShardEntry:
             reason=data.get("reason"),
             first_seen=str(data.get("first_seen", "")),
             finished_at=data.get("finished_at"),
+            split_documents=int(data.get("split_documents", 0)),
+            skipped_documents=int(data.get("skipped_documents", 0)),
         )
 
 
@@ -116,9 +161,10 @@ class ScanResult:
     ``pending`` is the trainable work in the order it should be trained: shards already
     ``in_progress`` (resumed from a checkpoint) first, then ``pending``, each sorted by path
     so two runs over the same directory make the same choices. ``changed``: trained shards
-    whose bytes changed, left untrained (reported every scan). ``duplicates``: new files
-    skipped because their bytes are already trained or queued. ``unreadable``: quarantined
-    by this scan. ``requeued``: back to pending because their bytes changed (quarantined,
+    whose bytes changed, left untrained (reported every scan). ``duplicates``: files
+    skipped by this scan because their bytes are already trained or queued (a new name, or
+    an edit changed back). ``unreadable``: quarantined by this scan (unreadable, not a
+    regular file, a symlink loop). ``requeued``: back to pending because their bytes changed (quarantined,
     skipped) or ``retrain_changed`` was set. ``missing``: pending/in-progress shards whose
     file is gone.
     """
@@ -132,8 +178,27 @@ class ScanResult:
     missing: list[ShardEntry] = field(default_factory=list)
 
 
+def shard_key(path: Path | str) -> Path:
+    """The absolute path a shard is known by: symlinks resolved for a regular file.
+
+    A link whose target is not a regular file (a device, a FIFO, a loop, nothing) keeps its
+    own name, so the quarantine report names what the operator put in the folder rather
+    than ``/dev/zero``.
+    """
+    absolute = Path(os.path.abspath(path))
+    try:
+        if stat.S_ISREG(os.stat(absolute).st_mode):
+            return absolute.resolve()
+    except OSError:
+        pass  # missing, a loop, no permission: the scan reports it
+    try:
+        return absolute.parent.resolve() / absolute.name  # the folder's links still resolve
+    except (OSError, RuntimeError):  # RuntimeError: a loop above it (Python < 3.13)
+        return absolute
+
+
 def _key(path: Path | str) -> str:
-    return str(Path(path).resolve())
+    return str(shard_key(path))
 
 
 class ShardLedger:
@@ -143,6 +208,10 @@ class ShardLedger:
         self.path = Path(path)
         self._entries: dict[str, ShardEntry] = {e.path: e for e in entries}
         self._increment = increment
+        # sha256 -> the first path it was trained from: every content ever (partly) trained,
+        # kept when the file later changes, so the same bytes are never trained twice.
+        self._trained: dict[str, str] = {}
+        self._index_entries()
         # Paths seen by the last scan; plan() only offers shards that exist right now.
         self._present: set[str] | None = None
 
@@ -189,6 +258,7 @@ class ShardLedger:
             ledger._load_state(checkpoint_state, source="the checkpoint's ledger")
             return ledger
         ledger = cls.load(path)
+        ledger._trained = {}  # nothing is in the weights
         for entry in ledger._entries.values():
             if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE, ShardStatus.CHANGED):
                 entry.status = ShardStatus.PENDING
@@ -196,6 +266,7 @@ class ShardLedger:
                 entry.position = 0
                 entry.reason = None
                 entry.finished_at = None
+                entry.split_documents = entry.skipped_documents = 0
         return ledger
 
     @classmethod
@@ -236,6 +307,7 @@ class ShardLedger:
             "format": LEDGER_FORMAT,
             "increment": self._increment,
             "shards": [e.to_dict() for e in self.entries],
+            "trained": dict(sorted(self._trained.items())),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -251,11 +323,28 @@ class ShardLedger:
                 raise ValueError(f"unsupported format {fmt!r} (this olm reads {LEDGER_FORMAT})")
             entries = [ShardEntry.from_dict(item) for item in state.get("shards", [])]
             increment = int(state.get("increment", 0))
+            trained = {str(k): str(v) for k, v in dict(state.get("trained", {})).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"shard ledger {source} is corrupt: {exc!r}") from exc
         self._entries = {e.path: e for e in entries}
         self._increment = increment
+        self._trained = trained
+        self._index_entries()
         self._present = None
+
+    def _index_entries(self) -> None:
+        """Add the content of started and finished entries to the trained index.
+
+        Ledgers written before the index existed get it rebuilt from their entries (the
+        trained hash of an entry that is ``changed`` by then is not recoverable).
+        """
+        for entry in self._entries.values():
+            if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE):
+                self._remember_trained(entry)
+
+    def _remember_trained(self, entry: ShardEntry) -> None:
+        if entry.sha256:
+            self._trained.setdefault(entry.sha256, entry.path)
 
     # ------------------------------------------------------------------ scanning
 
@@ -263,10 +352,13 @@ class ShardLedger:
         """Reconcile the ledger with the shard files that exist now.
 
         New files become ``pending`` (or ``skipped`` if their bytes duplicate a shard that
-        is trained or queued). A trained shard whose bytes changed becomes ``changed`` and
-        is reported, not retrained, unless ``retrain_changed``. A quarantined or skipped
+        is queued, or content ever trained). A trained shard whose bytes changed becomes
+        ``changed`` and is reported, not retrained, unless ``retrain_changed``; if its new
+        bytes are content already trained (an edit changed back, a file moved over another)
+        it is ``skipped`` instead, whatever ``retrain_changed`` says. A quarantined or skipped
         shard whose bytes changed is reconsidered, since that verdict was about the old
-        bytes. Unreadable files are quarantined so one bad file does not fail every night.
+        bytes. Unreadable files, and anything that is not a regular file (never opened), are
+        quarantined so one bad file does not fail every night.
         """
         result = ScanResult()
         present: set[str] = set()
@@ -279,9 +371,15 @@ class ShardLedger:
             try:
                 st = os.stat(key)
             except FileNotFoundError:
+                if os.path.islink(key):
+                    self._record_unreadable(key, None, "broken symlink", result)
                 continue  # vanished between listing and scan: simply not present
             except OSError as exc:
-                self._record_unreadable(key, None, exc, result)
+                self._record_unreadable(key, None, _os_reason(exc), result)
+                continue
+            kind_problem = file_kind_problem(st.st_mode)
+            if kind_problem is not None:
+                self._record_unreadable(key, st, kind_problem, result)
                 continue
             present.add(key)
             entry = self._entries.get(key)
@@ -294,7 +392,7 @@ class ShardLedger:
             try:
                 digest = sha256_file(key)
             except OSError as exc:
-                self._record_unreadable(key, st, exc, result)
+                self._record_unreadable(key, st, _os_reason(exc), result)
                 continue
             if entry is None:
                 entry = ShardEntry(
@@ -308,7 +406,12 @@ class ShardLedger:
             entry.size, entry.mtime_ns, entry.sha256 = st.st_size, st.st_mtime_ns, digest
             if digest == old:
                 continue  # touched, same bytes
-            if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE):
+            if self._skip_if_trained(entry, result):
+                continue
+            trained_here = entry.path in self._trained.values()
+            if entry.status in (ShardStatus.IN_PROGRESS, ShardStatus.DONE) or (
+                trained_here and entry.status in (ShardStatus.QUARANTINED, ShardStatus.SKIPPED)
+            ):
                 entry.status = ShardStatus.CHANGED
                 entry.reason = (
                     f"content changed after training (sha256 {old[:12]} -> {digest[:12]})"
@@ -344,6 +447,8 @@ class ShardLedger:
     def _dedupe(
         self, entry: ShardEntry, by_hash: dict[str, ShardEntry], result: ScanResult
     ) -> None:
+        if self._skip_if_trained(entry, result):
+            return
         original = by_hash.get(entry.sha256)
         if original is not None and original.path != entry.path:
             entry.status = ShardStatus.SKIPPED
@@ -352,11 +457,23 @@ class ShardLedger:
         else:
             by_hash[entry.sha256] = entry
 
+    def _skip_if_trained(self, entry: ShardEntry, result: ScanResult) -> bool:
+        """Skip ``entry`` when its current bytes were trained before (here or elsewhere)."""
+        original = self._trained.get(entry.sha256)
+        if original is None:
+            return False
+        entry.status = ShardStatus.SKIPPED
+        entry.position = 0
+        where = "this path, before it was edited" if original == entry.path else original
+        entry.reason = f"same content as {where}, already trained (sha256 {entry.sha256[:12]})"
+        result.duplicates.append(entry)
+        return True
+
     def _record_unreadable(
-        self, key: str, st: os.stat_result | None, exc: OSError, result: ScanResult
+        self, key: str, st: os.stat_result | None, problem: str, result: ScanResult
     ) -> None:
         entry = self._entries.get(key)
-        reason = f"cannot read: {exc.strerror or exc}"
+        reason = problem
         if entry is None:
             # Empty sha256 means "never hashed": the next scan retries instead of trusting
             # the stat, so fixing permissions (which does not touch mtime) is enough.
@@ -410,6 +527,7 @@ class ShardLedger:
         entry = self.get(path)
         entry.status = ShardStatus.IN_PROGRESS
         entry.increment = increment
+        self._remember_trained(entry)
         return entry
 
     def add_tokens(self, path: Path | str, n: int, *, position: int | None = None) -> ShardEntry:
@@ -421,10 +539,17 @@ class ShardLedger:
         return entry
 
     def mark_done(
-        self, path: Path | str, tokens: int = 0, increment: int | None = None
+        self,
+        path: Path | str,
+        tokens: int = 0,
+        increment: int | None = None,
+        *,
+        long_documents: Mapping[str, int] | None = None,
     ) -> ShardEntry:
         """Finish a shard; ``tokens`` are added to what :meth:`add_tokens` already counted.
 
+        ``long_documents`` (``{"split": n, "skipped": n}``, from the block stream) records the
+        documents over the length cap, so a skip is visible in ``olm status`` and the file.
         Only durable once the checkpoint containing this shard's training is committed:
         call this before writing the checkpoint so its ledger copy includes it.
         """
@@ -432,9 +557,13 @@ class ShardLedger:
         entry.tokens += int(tokens)
         if increment is not None:
             entry.increment = increment
+        if long_documents is not None:
+            entry.split_documents = int(long_documents.get("split", 0))
+            entry.skipped_documents = int(long_documents.get("skipped", 0))
         entry.status = ShardStatus.DONE
         entry.reason = None
         entry.finished_at = now_iso()
+        self._remember_trained(entry)
         return entry
 
     def quarantine(self, path: Path | str, reason: str) -> ShardEntry:
@@ -480,6 +609,10 @@ class ShardLedger:
         """Number of the last increment started (0 before the first)."""
         return self._increment
 
+    def trained_from(self, sha256: str) -> str | None:
+        """The first path content with this hash was trained from, or ``None``."""
+        return self._trained.get(sha256)
+
     @property
     def total_tokens(self) -> int:
         return sum(e.tokens for e in self._entries.values())
@@ -490,3 +623,12 @@ class ShardLedger:
         for entry in self._entries.values():
             counts[entry.status.value] += 1
         return counts
+
+
+def _os_reason(exc: OSError) -> str:
+    """A quarantine reason for an OS error: loops by name, the rest as the OS words them."""
+    if isinstance(exc, NotARegularFileError):
+        return str(exc)
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    return f"cannot read: {exc.strerror or exc}"
