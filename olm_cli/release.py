@@ -180,7 +180,7 @@ def check_budgets(
         budget = gate.max_regression.get(name, gate.max_regression.get(GATE_ANY_DOMAIN))
         previous = baseline.eval.get(name)
         row: dict[str, Any] = {"loss": result.get("loss"), "budget": budget}
-        if budget is None:
+        if budget is None or math.isinf(budget):
             row.update(passed=True, note="no budget for this domain")
         elif not _finite_loss(previous) or not _finite_loss(result):
             row.update(passed=True, note=f"not measured by {baseline.name}" if not _finite_loss(previous) else "not measured")
@@ -203,6 +203,25 @@ def _budget_reason(name: str, loss: float, before: float, budget: float, baselin
         change = f"+{(loss - before) / before:.1%}" if before > 0 else f"+{loss - before:.4f}"
         return f"{name} loss {loss:.4f} is {change} over {baseline} ({before:.4f}), budget {budget:.1%}"
     return f"{name} loss {loss:.4f} is +{loss - before:.4f} over {baseline} ({before:.4f}), budget {budget:g}"
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a NaN eval loss, an ``.inf`` budget) as null.
+
+    release.json and history.jsonl are read by scripts; ``NaN``/``Infinity`` are not JSON.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _number(value: Any) -> float:
+    """A table cell's value; a missing or null one (a NaN stored as null) shows as nan."""
+    return float(value) if value is not None else math.nan
 
 
 def _finite_loss(result: Any) -> bool:
@@ -410,7 +429,7 @@ class ReleaseStore:
     def append_history(self, row: dict[str, Any]) -> None:
         """One fsynced line per publish attempt: the gate's record survives later pruning."""
         with open(self.root / HISTORY_FILENAME, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            handle.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -456,7 +475,7 @@ def publish_release(
     store.cleanup_temp()
     baseline = store.baseline(increment)
     verdict = run_gate(recipe, cast, eval_results, baseline)
-    info = {
+    info = strict_json({
         "release": name,
         "increment": increment,
         "step": step,
@@ -469,7 +488,7 @@ def publish_release(
         "released": verdict.passed,
         "reasons": verdict.reasons,
         "gate": verdict.details,
-    }
+    })
     staged = store.root / f"{_TMP_PREFIX}{increment:04d}"
     try:
         if staged.exists():
@@ -491,7 +510,7 @@ def publish_release(
                                                      "created", "previous")}
                          | {"latest": latest.name if latest else None})
     store.prune()
-    result = ReleaseResult(verdict.passed, path, verdict.reasons, verdict.details, increment,
+    result = ReleaseResult(verdict.passed, path, verdict.reasons, info["gate"], increment,
                            latest.name if latest else None)
     if console is not None:
         console.print(escape(result.message), style=None if result.released else "yellow", highlight=False)
@@ -636,8 +655,8 @@ def _eval_table(recipe: Recipe, results: Mapping[str, Mapping[str, float]], base
             change = f"{delta:+.4f}" + (f" ({delta / before:+.1%})" if before > 0 else "")
         else:
             change = "n/a"
-        loss = float(result.get("loss", math.nan))
-        perplexity = float(result.get("perplexity", math.exp(min(loss, 50.0))))
+        loss = _number(result.get("loss"))
+        perplexity = _number(result.get("perplexity"))
         tokens = f"{int(result['tokens']):,}" if "tokens" in result else "?"
         lines.append(f"| {domain} | {loss:.4f} | {perplexity:.2f} | {tokens} | {change} |")
     return lines

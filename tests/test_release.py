@@ -195,6 +195,15 @@ def test_every_eval_domain_must_be_measured(tmp_path: Path, model: torch.nn.Modu
     assert failed.reasons == ["eval domain(s) not measured: beta"]
     nan = publish(tmp_path, recipe, model, tokenizer, 2, results(alpha=2.0, beta=float("nan")))
     assert nan.reasons == ["eval domain(s) not measured: beta"]
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    # Scripts read these files: the NaN is stored as null, never as the non-JSON `NaN`.
+    info = json.loads((nan.path / "release.json").read_text(), parse_constant=refuse)
+    assert info["eval"]["beta"]["loss"] is None
+    json.loads((tmp_path / "run" / "releases" / HISTORY_FILENAME).read_text().splitlines()[-1], parse_constant=refuse)
+    assert "| beta | nan | nan | 100 | n/a |" in (nan.path / "README.md").read_text()
     none = publish(tmp_path, recipe, model, tokenizer, 3, None)
     assert none.reasons == ["eval domain(s) not measured: alpha, beta"]
 
