@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from olm_cli.console import make_console
 from olm_cli.errors import OlmError, RecipeError
 
 app = typer.Typer(
@@ -25,8 +25,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Off a terminal (cron, log files) these never wrap a line: see olm_cli/console.py.
+console = make_console()
+err_console = make_console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.")]
 OverridesArg = Annotated[
@@ -133,16 +134,17 @@ def status(
 def replay_inspect(
     run: Annotated[Path, typer.Option("--run", help="Run directory.")],
     show: Annotated[int, typer.Option("--show", help="Decode and print N samples.")] = 0,
-    export: Annotated[Path | None, typer.Option("--export", help="Write every sample as one JSON line.")] = None,
+    export: Annotated[Path | None, typer.Option("--export", help="Write every sample as one JSON line to this new file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --export replace an existing file (a symlink there is replaced, never followed).")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """What the replay buffer of the latest checkpoint holds.
 
-    Example: olm replay-inspect --run runs/quickstart --show 3
+    Example: olm replay-inspect --run runs/quickstart --show 3 --export replay.jsonl
     """
     from olm_cli.commands import inspect_run_replay
 
-    inspect_run_replay(run, show=show, export=export, as_json=json_out, console=console)
+    inspect_run_replay(run, show=show, export=export, overwrite=force, as_json=json_out, console=console)
 
 
 @app.command()

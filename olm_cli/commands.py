@@ -88,7 +88,8 @@ def show_matrix(run: Path, *, union: dict[str, float] | None, as_json: bool, con
         matrix.render(console, union)
 
 
-def inspect_run_replay(run: Path, *, show: int, export: Path | None, as_json: bool, console: Any) -> dict[str, Any]:
+def inspect_run_replay(run: Path, *, show: int, export: Path | None, as_json: bool, console: Any,
+                       overwrite: bool = False) -> dict[str, Any]:
     from olm_cli.modeling import load_tokenizer
     from olm_cli.replay.inspect import find_buffer_dir, inspect_replay
 
@@ -99,4 +100,5 @@ def inspect_run_replay(run: Path, *, show: int, export: Path | None, as_json: bo
             tokenizer = load_tokenizer(str(buffer_dir.parent))
         except OlmError:
             tokenizer = None  # previews fall back to token ids
-    return inspect_replay(buffer_dir, show=show, as_json=as_json, export=export, tokenizer=tokenizer, console=console)
+    return inspect_replay(buffer_dir, show=show, as_json=as_json, export=export, overwrite=overwrite,
+                          tokenizer=tokenizer, console=console)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from olm_cli.errors import DataError, RecipeError
 from olm_cli.recipe import ModelConfig
+from olm_cli.rundir.atomic import apply_umask, fsync_dir, fsync_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,84 @@ def load_tokenizer(source: str, *, gguf_file: str | None = None, revision: str |
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# ``from_pretrained`` options that ``save_pretrained`` copies into tokenizer_config.json. They
+# describe how one load happened; replayed at the next load they change it (``local_files_only``
+# forces offline mode, ``backend`` and ``is_local`` are transformers-5 bookkeeping).
+_LOAD_OPTIONS = (
+    "local_files_only", "trust_remote_code", "revision", "cache_dir", "force_download", "token",
+    "use_auth_token", "proxies", "subfolder", "_commit_hash", "_from_auto", "gguf_file",
+    "is_local", "name_or_path", "backend",
+)
+# transformers spells "no limit" as int(1e30) (or 1e20); a reader would take it literally.
+_NO_LENGTH_LIMIT = int(1e20)
+
+
+def portable_tokenizer_config(config: dict[str, Any], *, fast: bool, max_length: int | None) -> dict[str, Any]:
+    """A tokenizer_config.json that every transformers version olm supports (4.46 up) can load.
+
+    transformers 5 names its own ``TokenizersBackend`` class, unknown to 4.x, so ``AutoTokenizer``
+    fails there; any fast tokenizer (one with a tokenizer.json, which holds the whole pipeline)
+    loads as ``PreTrainedTokenizerFast`` in both. Its list of ``extra_special_tokens`` is a dict
+    of named tokens in 4.x and goes back under the name both read, ``additional_special_tokens``.
+    """
+    portable = {key: value for key, value in config.items() if key not in _LOAD_OPTIONS}
+    if fast:
+        portable["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = portable.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del portable["extra_special_tokens"]
+        if extra:
+            portable.setdefault("additional_special_tokens", extra)
+    current = portable.get("model_max_length")
+    if max_length is not None:
+        portable["model_max_length"] = max_length
+    elif isinstance(current, int | float) and current >= _NO_LENGTH_LIMIT:
+        del portable["model_max_length"]
+    return portable
+
+
+def _max_positions(directory: Path) -> int | None:
+    """``max_position_embeddings`` of the model config saved in ``directory``, if there is one."""
+    try:
+        value = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def save_tokenizer(tokenizer: Any, directory: Path, *, max_length: int | None = None) -> None:
+    """Save ``tokenizer`` into ``directory`` so that it loads with every supported transformers.
+
+    ``save_pretrained`` alone writes what only the running version understands (see
+    :func:`portable_tokenizer_config`). ``max_length`` defaults to the ``max_position_embeddings``
+    of a model already saved in ``directory``; without either, no length is written. A chat
+    template that transformers 5 keeps in chat_template.jinja is also copied into the config,
+    where 4.x looks for it. Files land in ``directory`` by rename, each complete or absent, with
+    the umask's permissions.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory))
+    try:
+        tokenizer.save_pretrained(str(staging))
+        config_path = staging / TOKENIZER_CONFIG
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        template = staging / "chat_template.jinja"
+        if template.is_file() and "chat_template" not in config:
+            config["chat_template"] = template.read_text(encoding="utf-8")
+        limit = max_length if max_length is not None else _max_positions(directory)
+        fast = (staging / "tokenizer.json").is_file()
+        write_json_atomic(config_path, portable_tokenizer_config(config, fast=fast, max_length=limit))
+        apply_umask(staging)
+        for item in sorted(staging.iterdir()):
+            fsync_file(item)
+            os.replace(item, directory / item.name)
+        fsync_dir(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def plain_config(config: Any) -> Any:

@@ -333,3 +333,23 @@ def test_status_shows_release_and_last_gate(tmp_path: Path, model: torch.nn.Modu
     status = collect_status(tmp_path / "run")
     assert status["release"] is None
     assert any(p.startswith("releases/latest is unusable:") and "model.safetensors" in p for p in status["problems"])
+
+
+def test_lora_is_merged_into_a_plain_release(tmp_path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from olm_cli.distill.config import LoraConfig
+    from olm_cli.partial import wrap_lora
+
+    wrapped = wrap_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a missing merge
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)
+    result = publish(tmp_path, make_recipe(tmp_path, domains=()), wrapped, tokenizer, 1, None)
+    loaded = AutoModelForCausalLM.from_pretrained(result.path)
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, wrapped(input_ids=ids).logits, atol=1e-5)
+    assert any("lora_A" in name for name, _ in wrapped.named_parameters())  # the training model keeps its adapters

@@ -139,3 +139,47 @@ def test_older_snapshot_is_still_readable(run_dir: Path) -> None:
         run_dir / "checkpoints" / "step-00000005" / "replay", as_json=True, console=console
     )
     assert report["step"] == 5
+
+
+def test_export_refuses_an_existing_file_before_any_work(run_dir: Path, tmp_path: Path) -> None:
+    console, out = capture()
+    target = tmp_path / "buffer.jsonl"
+    target.write_text("precious\n")
+    with pytest.raises(DataError, match=r"--export .*buffer\.jsonl: the file already exists; pass --force"):
+        inspect_replay(find_buffer_dir(run_dir), export=target, console=console)
+    assert target.read_text() == "precious\n"
+    assert out.getvalue() == ""  # refused before the report was printed
+    inspect_replay(find_buffer_dir(run_dir), export=target, overwrite=True, console=console)
+    assert len(target.read_text().splitlines()) == 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_export_never_writes_through_a_symlink(run_dir: Path, tmp_path: Path) -> None:
+    console, _ = capture()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not touch\n")
+    link = tmp_path / "buffer.jsonl"
+    link.symlink_to(victim)
+    with pytest.raises(DataError, match="already exists"):
+        inspect_replay(find_buffer_dir(run_dir), export=link, console=console)
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(DataError, match="already exists"):
+        inspect_replay(find_buffer_dir(run_dir), export=dangling, console=console)
+    assert not (tmp_path / "nowhere.txt").exists()
+
+    # With --force the link itself is replaced by the export; its target is left alone.
+    inspect_replay(find_buffer_dir(run_dir), export=link, overwrite=True, console=console)
+    assert not link.is_symlink() and len(link.read_text().splitlines()) == 40
+    assert victim.read_text() == "do not touch\n"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_mode_follows_the_umask(run_dir: Path, tmp_path: Path, umask: int) -> None:
+    console, _ = capture()
+    previous = os.umask(umask)
+    try:
+        inspect_replay(find_buffer_dir(run_dir), export=tmp_path / "b.jsonl", console=console)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -9,14 +9,14 @@ lists the formulas; :meth:`ContinualMatrix.summary` documents exactly which rows
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from olm_cli.rundir.atomic import write_text_atomic
 
 Number = float | None
 
@@ -164,16 +164,7 @@ class ContinualMatrix:
         """Write the JSON atomically (tmp + fsync + os.replace) so a reader never sees half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_json(union), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(self.to_json(union), indent=2))  # mode from the umask, not mkstemp's 0600
 
     def render(self, console: Console, union: dict[str, float] | None = None) -> None:
         """Print the matrix (trained cell marked) and the per-domain measures as rich tables."""

@@ -7,6 +7,7 @@ while training is going on: checkpoints are immutable once ``latest`` points at 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,8 +15,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from olm_cli.console import make_console
 from olm_cli.errors import CheckpointError, DataError
 from olm_cli.replay.snapshot import MANIFEST, SnapshotReader
+from olm_cli.rundir.atomic import atomic_writer
 
 _BAR_WIDTH = 30
 _HISTOGRAM_BINS = 10
@@ -108,14 +111,18 @@ def inspect_replay(
     show: int = 0,
     as_json: bool = False,
     export: Path | None = None,
+    overwrite: bool = False,
     tokenizer: Decoder | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Summarise a replay snapshot; print it (rich, or JSON) and optionally export it.
 
-    Returns the report dict (the same object ``--json`` prints).
+    ``export`` must not exist unless ``overwrite`` (``--force``); it is checked before any
+    work so that a typo'd path fails at once. Returns the report dict (what ``--json`` prints).
     """
-    console = console or Console()
+    console = console or make_console()
+    if export is not None and not overwrite and os.path.lexists(export):
+        raise _export_exists(export)
     try:
         reader = SnapshotReader(Path(buffer_dir))
     except CheckpointError as exc:
@@ -125,7 +132,7 @@ def inspect_replay(
         if export is not None:
             report["exported"] = {
                 "path": str(export),
-                "samples": _export(reader, export, tokenizer),
+                "samples": _export(reader, export, tokenizer, overwrite=overwrite),
             }
     if as_json:
         console.file.write(json.dumps(report, indent=2) + "\n")
@@ -187,17 +194,35 @@ def _report(reader: SnapshotReader, show: int, tokenizer: Decoder | None) -> dic
     }
 
 
-def _export(reader: SnapshotReader, path: Path, tokenizer: Decoder | None) -> int:
+def _export_exists(path: Path) -> DataError:
+    return DataError(f"--export {path}: the file already exists; pass --force to replace it")
+
+
+def _export(
+    reader: SnapshotReader, path: Path, tokenizer: Decoder | None, *, overwrite: bool
+) -> int:
+    """Write every sample as a JSON line, atomically: a reader never sees half an export.
+
+    The data goes to a fresh temporary file (never through a symlink) that is then renamed
+    to ``path``; with ``overwrite`` a symlink at ``path`` is itself replaced, not followed.
+    """
     columns = _columns(reader)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in np.argsort(columns["id"], kind="stable").tolist():
-            record = _record(columns, row)
-            ids = reader.tokens(row).tolist()
-            record["tokens"] = ids
-            if tokenizer is not None:
-                record["text"] = tokenizer.decode(ids)
-            handle.write(json.dumps(record) + "\n")
+    try:
+        with atomic_writer(path, overwrite=overwrite) as handle:
+            for row in np.argsort(columns["id"], kind="stable").tolist():
+                record = _record(columns, row)
+                ids = reader.tokens(row).tolist()
+                record["tokens"] = ids
+                if tokenizer is not None:
+                    record["text"] = tokenizer.decode(ids)
+                handle.write((json.dumps(record) + "\n").encode("utf-8"))
+    except FileExistsError:
+        raise _export_exists(path) from None  # created while we were writing
+    except IsADirectoryError:
+        raise DataError(f"--export {path}: is a directory") from None
+    except OSError as exc:
+        raise DataError(f"--export {path}: cannot write ({exc.strerror or exc})") from None
     return int(columns["id"].size)
 
 

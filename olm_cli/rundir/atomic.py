@@ -1,19 +1,30 @@
-"""Crash-safe file writes for the run directory.
+"""Crash-safe file writes for the run directory, with the permissions the user asked for.
 
 A cron job can be killed at any instruction (kill -9, power loss, a full disk). Every file
 the run directory treats as state is therefore replaced, never edited: the new content goes
 to a temporary name in the same directory, is flushed and fsynced, and ``os.replace`` swaps
 it in. Readers see either the old file or the new one, never a torn mix. The directory is
 fsynced afterwards so the rename itself survives a power cut.
+
+Files olm writes honour the process umask (``0o666 & ~umask``), like any Unix tool, so a
+serving user in the right group can read a checkpoint. Libraries that write through
+``mkstemp``-style temp files (safetensors, hence ``save_pretrained``) create them 0600
+whatever the umask; :func:`apply_umask` puts such files back to the mode the user chose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+# Create a fresh file, never through a symlink planted at the temporary name.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -38,21 +49,77 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+def current_umask() -> int:
+    """The process umask, read without a window in which files are created too permissively.
 
-    The temporary name carries the pid so two processes that (wrongly) write the same file
-    cannot clobber each other's half-written temp file. On any error the temp file is
-    removed and the original is untouched.
+    Linux reports it in ``/proc/self/status``. Elsewhere the only way to read it is to set
+    another one; we set 0o077 (the strictest) for that instant, so a file another thread
+    creates meanwhile is at worst too private, never world-writable.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    previous = os.umask(0o077)
+    os.umask(previous)
+    return previous
+
+
+def umask_mode(*, directory: bool = False) -> int:
+    """The permission bits a newly created file (or directory) gets under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything below it) the umask's default modes.
+
+    Meant for trees olm has just created, such as a checkpoint before its manifest is written:
+    it resets modes that a library chose on its own (0600 safetensors, 0700 ``mkdtemp``
+    directories). Symlinks are skipped, never followed.
+    """
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    root = Path(path)
+    entries = [root]
+    if root.is_dir() and not root.is_symlink():
+        entries.extend(root.rglob("*"))
+    for entry in entries:
+        info = entry.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            continue
+        wanted = dir_mode if stat.S_ISDIR(info.st_mode) else file_mode
+        if stat.S_IMODE(info.st_mode) != wanted:
+            os.chmod(entry, wanted)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a binary handle; it appears complete on success or not at all.
+
+    The temporary file is created next to ``path`` with ``O_EXCL | O_NOFOLLOW`` (a symlink
+    planted at its name is refused, not followed) and the umask's mode. It is fsynced, then
+    renamed over ``path``: a symlink *at* ``path`` is replaced by the file, never written
+    through. With ``overwrite=False`` an existing ``path`` (a symlink included, even a
+    dangling one) raises ``FileExistsError`` and is left untouched, also when it appears
+    while we write (the file is published with ``link``, which never replaces).
+    On any error the temporary file is removed and ``path`` is as it was.
     """
     path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "file exists", str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a killed process that had our pid; unlink never follows
+    fd = os.open(tmp, _CREATE_FLAGS, 0o666)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_without_replacing(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -60,7 +127,41 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _publish_without_replacing(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless something is there; ``link`` makes the check race-free.
+
+    Filesystems without hard links (some network and FUSE mounts) fall back to a check
+    followed by a rename, which is only as safe as nobody creating ``path`` in between.
+    """
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+
+    The temporary name carries the pid so two processes that (wrongly) write the same file
+    cannot clobber each other's half-written temp file. On any error the temp file is
+    removed and the original is untouched.
+    """
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Atomically replace ``path`` with UTF-8 ``text`` (recipe.yaml, a rewritten metrics.jsonl)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON (stable diffs, readable by humans)."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_text_atomic(path, text)

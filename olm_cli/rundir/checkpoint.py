@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.errors import CheckpointError, CheckpointLoadError
-from olm_cli.rundir.atomic import fsync_dir, fsync_file, write_json_atomic
+from olm_cli.rundir.atomic import apply_umask, fsync_dir, fsync_file, write_json_atomic
 from olm_cli.rundir.ledger import now_iso, sha256_file
 
 MANIFEST_FILENAME = "MANIFEST.json"
@@ -264,6 +264,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
             write(tmp)
+            apply_umask(tmp)  # libraries write some files 0600 (safetensors); honour the umask
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "step": step,

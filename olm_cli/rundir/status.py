@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from olm_cli.errors import CheckpointError, OlmError
@@ -120,42 +121,67 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_status(status: dict[str, Any], console: Console) -> None:
-    """Human view of :func:`collect_status`'s data."""
-    table = Table(title=f"olm run {status['run_dir']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+def _status_rows(status: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(label, lines) pairs: what both the table and the plain log form show."""
     lock = status.get("lock")
-    table.add_row(
-        "state",
-        f"[yellow]running[/]: pid {lock['pid']} on {lock['host']} since {lock['started']}"
-        if lock
-        else "idle",
-    )
-    table.add_row("increments", str(status["increments"]))
-    table.add_row("tokens trained", f"{status['tokens_trained']:,}")
-    shards = status["shards"]
-    table.add_row("shards", ", ".join(f"{k} {v}" for k, v in shards.items() if v) or "none")
+    rows = [
+        ("state", [f"[yellow]running[/]: pid {lock['pid']} on {lock['host']} since {lock['started']}" if lock else "idle"]),
+        ("increments", [str(status["increments"])]),
+        ("tokens trained", [f"{status['tokens_trained']:,}"]),
+        ("shards", [", ".join(f"{k} {v}" for k, v in status["shards"].items() if v) or "none"]),
+    ]
     ckpt = status.get("last_checkpoint")
-    table.add_row(
-        "last checkpoint",
-        f"step {ckpt['step']} ({ckpt['created']})\n{ckpt['path']}" if ckpt else "none",
-    )
+    rows.append(("last checkpoint", [f"step {ckpt['step']} ({ckpt['created']})", escape(ckpt["path"])] if ckpt else ["none"]))
+    rows.extend(_release_rows(status))
     evaluation = status.get("last_eval")
     if evaluation:
-        losses = "  ".join(
-            f"{name} {r['loss']:.4f}" for name, r in evaluation.get("domains", {}).items()
-        )
+        losses = "  ".join(f"{name} {r['loss']:.4f}" for name, r in evaluation.get("domains", {}).items())
         when = f"after increment {evaluation.get('increment')} (step {evaluation.get('step')})"
-        table.add_row("last eval", f"{when}\nloss: {losses}")
+        rows.append(("last eval", [when, f"loss: {losses}"]))
     else:
-        table.add_row("last eval", "none")
+        rows.append(("last eval", ["none"]))
     metrics = status.get("last_metrics")
     shown = ("step", "increment", "loss", "lr", "tokens", "tokens_per_s", "domain", "batch_size")
-    table.add_row(
+    rows.append((
         "last metrics",
-        "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics) if metrics else "none",
-    )
-    console.print(table)
+        ["  ".join(f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics) if metrics else "none"],
+    ))
+    return rows
+
+
+def _release_rows(status: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """What serving reads (``releases/latest``) and the last gate verdict, with its reasons."""
+    release = status.get("release")
+    rows = [(
+        "release",
+        [f"{release['name']} (increment {release['increment']}, step {release['step']}, {release['dtype']})",
+         escape(release["path"])] if release else ["none"],
+    )]
+    gate = status.get("last_gate")
+    if gate:
+        verdict = "released" if gate.get("released") else "[red]not released[/]: " + escape("; ".join(gate.get("reasons", [])))
+        rows.append(("last gate", [f"increment {gate.get('increment')} {verdict}"]))
+    return rows
+
+
+def render_status(status: dict[str, Any], console: Console) -> None:
+    """Human view of :func:`collect_status`'s data.
+
+    A table on a terminal, where long paths fold onto the next line rather than being cut
+    with an ellipsis. Elsewhere (cron mail, a log file) one ``label: value`` line per row, so
+    that every path stays whole on one line and ``grep`` finds it.
+    """
+    rows = _status_rows(status)
+    if console.is_terminal:
+        table = Table(title=f"olm run {escape(status['run_dir'])}", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        for label, lines in rows:
+            table.add_row(label, "\n".join(lines))
+        console.print(table)
+    else:
+        console.print(f"olm run {status['run_dir']}", markup=False, highlight=False, soft_wrap=True)
+        for label, lines in rows:
+            console.print(f"[bold]{label}:[/] {'  '.join(lines)}", highlight=False, soft_wrap=True)
     for problem in status.get("problems", []):
-        console.print(f"[red]problem:[/] {problem}", highlight=False)
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
