@@ -37,10 +37,13 @@ from olm_cli.data import (
     is_dataset_source,
 )
 from olm_cli.distill import collate_stored, topk_logits
-from olm_cli.errors import EXIT_OK, OlmError, TrainingDivergedError
+from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.increment import TRAINER_STATE, IncrementPlan, TrainOutcome
+from olm_cli.modeling import save_tokenizer
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import GracefulStop
+from olm_cli.rundir.atomic import apply_umask, write_text_atomic
+from olm_cli.rundir.checkpoint import loading_checkpoint
 from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree, save_tree
@@ -164,8 +167,10 @@ class Trainer:
 
         # Model before optimiser; tokenizer before data.
         if self.latest is not None:
-            model = load_pretrained(str(self.latest), dtype=recipe.model.dtype)
-            tokenizer = load_tokenizer(str(self.latest))
+            # Any failure here is CheckpointLoadError: run_increment falls back to an older checkpoint.
+            with loading_checkpoint(self.latest, "the model or tokenizer"):
+                model = load_pretrained(str(self.latest), dtype=recipe.model.dtype)
+                tokenizer = load_tokenizer(str(self.latest))
         else:
             model, tokenizer = load_source(recipe.model, shards=self.shard_plan, text_field=recipe.data.text_field, seed=seed,
                                            cache_dir=self.run_dir / "base-model", say=self._say)
@@ -213,7 +218,8 @@ class Trainer:
             self.domain_tokens = Counter(self.state.get("domain_tokens", {}))
             self.horizon = int(self.state["horizon"])
             self.stream.load_state_dict(self.state["stream"])
-            _restore_rng(load_tree(self.latest / "rng"))
+            with loading_checkpoint(self.latest, "the RNG state"):
+                _restore_rng(load_tree(self.latest / "rng"))
             self._say(f"resuming increment {self.increment} at step {self.step} from {self.latest.name}")
             if self.kd_active:
                 # LwF's teacher is the model as it was when this increment began, not at resume.
@@ -315,6 +321,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         model_for_save(model).save_pretrained(tmp, safe_serialization=True)
         (tmp / "increment.json").write_text(json.dumps({"increment": self.increment}))
+        apply_umask(tmp)  # safetensors writes 0600; a serving user must be able to read the run directory
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
@@ -446,6 +453,10 @@ class Trainer:
                 if self.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
                     self._checkpoint(complete=False)
 
+        if self.bad_steps:
+            # The data ran out during a run of skipped batches: the weights that produced them
+            # must not become the increment's final checkpoint.
+            raise self._diverged()
         return self._finish_increment()
 
     def _bookkeep(self, new_blocks: list[Block], replayed: list[Any], selection: Any, per_sample: np.ndarray,
@@ -606,13 +617,17 @@ class Trainer:
         self._log({"step": self.global_step + 1, "increment": self.increment, "increment_step": self.step + 1,
                    "skipped": True, "loss": loss, "grad_norm": grad_norm, "reason": what})
         if self.bad_steps >= limit:
-            where = (f"rolled back to {self.latest.name} (verified finite)" if self.latest is not None
-                     else "no checkpoint was written")
-            raise TrainingDivergedError(
-                f"loss or gradients were NaN/Inf for {self.bad_steps} consecutive steps; {where}. "
-                "Lower optim.lr or check the data"
-            )
+            raise self._diverged()
         return None
+
+    def _diverged(self) -> TrainingDivergedError:
+        """The error that ends a run whose last ``bad_steps`` batches were all skipped."""
+        where = (f"rolled back to {self.latest.name} (verified finite)" if self.latest is not None
+                 else "no checkpoint was written")
+        return TrainingDivergedError(
+            f"loss or gradients were NaN/Inf for {self.bad_steps} consecutive steps; {where}. "
+            "Lower optim.lr or check the data"
+        )
 
     def _clip(self) -> float:
         clip = self.recipe.optim.grad_clip
@@ -638,15 +653,23 @@ class Trainer:
             self.regularizer.end_increment(unwrapped, self._fisher_batches())
         path = self._checkpoint(complete=True)
         self._say(f"increment {self.increment} complete: {self.step} steps, {self.tokens:,} tokens → {path}")
-        if self.recipe.eval.after_increment and self.recipe.eval.sets and self.accelerator.is_main_process:
-            from olm_cli.evaluate import record_increment_eval
-
-            self._say(f"evaluating {len(self.recipe.eval.sets)} domain(s) after increment {self.increment}")
-            record_increment_eval(self.run_dir, self.recipe, unwrapped, self.tokenizer, increment=self.increment,
-                                  trained=dict(self.domain_tokens), step=self.global_step, console=self.console)
+        released = True
+        message = ""
+        if self.accelerator.is_main_process:
+            # The checkpoint is training state; what serving reads is the release, behind the gate.
+            result = evaluate_and_release(self.recipe, unwrapped, self.tokenizer, increment=self.increment,
+                                          step=self.global_step, checkpoint=path, trained=dict(self.domain_tokens),
+                                          tokens_trained=self.total_tokens, state_dict=self.full_state_dict,
+                                          console=self.console)
+            if result is not None:
+                released, message = result.released, result.message
+        released, message = _from_main_process(self.accelerator, (released, message))
         self.accelerator.end_training()
         if self.replay is not None:
             self.replay.close()
+        if not released:
+            return TrainOutcome("not_released", EXIT_NOT_RELEASED, self.increment, self.step, self.tokens, str(path),
+                                message)
         return TrainOutcome("increment_complete", EXIT_OK, self.increment, self.step, self.tokens, str(path))
 
     def _fisher_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -720,7 +743,7 @@ class Trainer:
             unwrapped.save_pretrained(directory, state_dict=self.full_state_dict, safe_serialization=True)
         else:
             model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)  # after the model: it reads config.json for the length
         with open(directory / "optimizer.pt", "wb") as handle:  # a plain OSError on a full disk
             torch.save(self.optimizer.state_dict(), handle)
         save_tree(directory / "rng", _rng_to_tree(capture_rng()))
@@ -736,21 +759,30 @@ class Trainer:
         (directory / TRAINER_STATE).write_text(json.dumps(self.state_to_save, indent=1))
 
     def _load_parts(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        """Optimizer and strategy state; a file that cannot be read raises CheckpointLoadError.
+
+        OlmErrors raised on purpose (a replay snapshot written under another policy) are about
+        the recipe, not the files: no older checkpoint would fix them, so they propagate.
+        """
+        with loading_checkpoint(checkpoint, "optimizer.pt"):
+            state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
         try:
             self.optimizer.load_state_dict(state)
         except (ValueError, KeyError) as exc:
             # Trainable parameters changed (e.g. a new `train.trainable`): start fresh moments.
             logger.warning("optimizer state not restored (%s); starting with fresh AdamW moments", exc)
-        parts = load_tree(checkpoint / "parts")
-        self.selector.load_state_dict(parts.get("selector", {}))
-        self.policy.load_state_dict(parts.get("batch", {}))
-        if self.distiller is not None and parts.get("distiller"):
-            self.distiller.load_state_dict(parts["distiller"])
-        if self.replay is not None and (checkpoint / "replay").exists():
-            self.replay.load(checkpoint / "replay")
-        if self.regularizer is not None and (checkpoint / "regularizer").exists():
-            self.regularizer.load(checkpoint / "regularizer")
+        with loading_checkpoint(checkpoint, "the strategy state", keep=(OlmError,)):
+            parts = load_tree(checkpoint / "parts")
+            self.selector.load_state_dict(parts.get("selector", {}))
+            self.policy.load_state_dict(parts.get("batch", {}))
+            if self.distiller is not None and parts.get("distiller"):
+                self.distiller.load_state_dict(parts["distiller"])
+        with loading_checkpoint(checkpoint, "the replay buffer", keep=(OlmError,)):
+            if self.replay is not None and (checkpoint / "replay").exists():
+                self.replay.load(checkpoint / "replay")
+        with loading_checkpoint(checkpoint, "the regularizer state", keep=(OlmError,)):
+            if self.regularizer is not None and (checkpoint / "regularizer").exists():
+                self.regularizer.load(checkpoint / "regularizer")
 
     # ------------------------------------------------------------------ output
 
@@ -775,9 +807,7 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the crash
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _progress(self) -> Any:
         from rich.progress import (
@@ -799,6 +829,67 @@ class Trainer:
         accelerator = getattr(self, "accelerator", None)
         if self.console is not None and (accelerator is None or accelerator.is_main_process):
             self.console.print(message)
+
+
+def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, *, increment: int, step: int,
+                         checkpoint: Path, trained: dict[str, int], tokens_trained: int,
+                         state_dict: Any = None, console: Any = None) -> Any:
+    """Evaluate every domain (a row of the matrix), then publish the increment's release behind the gate.
+
+    Returns the :class:`~olm_cli.release.ReleaseResult`, or None when releases are off. Also used
+    when a run died between an increment's checkpoint and its release (see
+    :func:`publish_pending_release`), so both paths publish exactly the same way.
+    """
+    from olm_cli.evaluate import record_increment_eval
+    from olm_cli.release import publish_release
+
+    run_dir = Path(recipe.run.dir)
+    results = None
+    if recipe.eval.after_increment and recipe.eval.sets:
+        if console is not None:
+            console.print(f"evaluating {len(recipe.eval.sets)} domain(s) after increment {increment}")
+        results = record_increment_eval(run_dir, recipe, model, tokenizer, increment=increment, trained=trained,
+                                        step=step, console=console)
+    if not recipe.release.enabled:
+        return None
+    result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step, checkpoint=checkpoint,
+                             eval_results=results, tokens_trained=tokens_trained, state_dict=state_dict, console=console)
+    if console is not None:
+        console.print(result.message if result.released else f"[yellow]warning:[/] {result.message}", highlight=False)
+    return result
+
+
+def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, Any], console: Any = None) -> Any:
+    """Finish an increment whose checkpoint is complete but whose release was never attempted.
+
+    A crash (or a full disk) between the final checkpoint and the release would otherwise leave
+    serving on the previous release for good: the next run finds nothing new and exits 0.
+    """
+    from olm_cli.modeling import load_pretrained, load_tokenizer
+
+    if console is not None:
+        console.print(f"increment {state['increment']} was checkpointed ({checkpoint.name}) but not released; "
+                      "evaluating and releasing it now")
+    with loading_checkpoint(checkpoint, "the model or tokenizer"):
+        model = load_pretrained(str(checkpoint), dtype=recipe.model.dtype)
+        tokenizer = load_tokenizer(str(checkpoint))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return evaluate_and_release(recipe, model, tokenizer, increment=int(state["increment"]),
+                                step=int(state["global_step"]), checkpoint=checkpoint,
+                                trained=dict(state.get("domain_tokens", {})),
+                                tokens_trained=int(state.get("total_tokens", 0)), console=console)
+
+
+def _from_main_process(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value`` on every rank, so all ranks exit with the same code."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -316,8 +316,9 @@ def _store_gguf_cache(cfg: ModelConfig, cache_dir: Path, model: torch.nn.Module,
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / _GGUF_SOURCE).write_text(json.dumps(_gguf_identity(cfg)), encoding="utf-8")
+        apply_umask(tmp)
         shutil.rmtree(cache_dir, ignore_errors=True)
         os.replace(tmp, cache_dir)
     except OSError as exc:  # a cache is an optimisation: a full disk here must not stop training
