@@ -155,7 +155,7 @@ def _validate_parquet(path: Path, text_field: str) -> int:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(exc)})") from None
     with parquet:
         names = parquet.schema_arrow.names
         if text_field not in names:
@@ -167,11 +167,16 @@ def _validate_parquet(path: Path, text_field: str) -> int:
             try:
                 parquet.read_row_group(group, columns=[text_field])
             except Exception as exc:  # decompression, thrift and arrow errors alike
-                raise DataError(f"{path}: row group {group} is unreadable ({exc})") from None
+                raise DataError(f"{path}: row group {group} is unreadable ({_one_line(exc)})") from None
         rows = int(parquet.metadata.num_rows)
     if rows == 0:
         raise DataError(f"{path}: empty shard (0 rows)")
     return rows
+
+
+def _one_line(exc: BaseException) -> str:
+    """pyarrow's messages span lines; a quarantine reason is one line of the nightly log."""
+    return " ".join(str(exc).split())
 
 
 def dataset_source(name: str, split: str) -> Path:
@@ -394,7 +399,7 @@ class BlockStream:
         except StopIteration:
             return None
         except Exception as exc:  # datasets wraps parser errors in many types
-            raise DataError(f"{path}: failed while streaming ({exc})") from None
+            raise DataError(f"{path}: failed while streaming ({_one_line(exc)})") from None
         self._loaded_dataset_state = None
         self._records_read += 1
         return record
