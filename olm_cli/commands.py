@@ -1,18 +1,29 @@
 """Reporting commands (``olm eval``, ``olm replay-inspect``) that read a run directory.
 
 Kept out of ``cli.py`` so the CLI stays argument parsing only, and out of ``engine.py`` because
-they never train.
+they never train. Like training, they re-hash a checkpoint against its manifest before using it
+and fall back to an older one (with a warning) when the newest cannot be used.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from olm_cli.errors import OlmError, RecipeError
+from olm_cli.errors import CheckpointLoadError, DataError, OlmError, RecipeError
 from olm_cli.evaluate import MATRIX_FILE, evaluate_domains, render_results
+from olm_cli.rundir.checkpoint import (
+    MANIFEST_FILENAME,
+    CheckpointFallback,
+    CheckpointManager,
+    loading_checkpoint,
+    verify_checkpoint,
+)
+
+T = TypeVar("T")
 
 
 def _run_recipe(run: Path) -> Any:
@@ -24,13 +35,45 @@ def _run_recipe(run: Path) -> Any:
     return load_recipe(path)
 
 
-def _latest_checkpoint(run: Path) -> Path:
-    from olm_cli.rundir import CheckpointManager
+def _latest_usable(run: Path, use: Callable[[Path], T]) -> tuple[Path, T]:
+    """``use`` applied to the newest checkpoint of ``run`` that verifies deeply and loads.
 
-    latest = CheckpointManager(Path(run) / "checkpoints").latest()
-    if latest is None:
-        raise OlmError(f"{run}: no complete checkpoint yet")
-    return latest
+    Each checkpoint passed over is one warning line on stderr (stdout may be ``--json``);
+    when checkpoints exist but none can be used, that is one error naming each.
+    """
+    fallback = CheckpointFallback(CheckpointManager(Path(run) / "checkpoints"))
+    while True:
+        checkpoint = fallback.choose(deep=True)
+        if checkpoint is None:
+            if fallback.rejected:
+                raise fallback.none_usable()
+            raise OlmError(f"{run}: no complete checkpoint yet")
+        try:
+            result = use(checkpoint)
+        except CheckpointLoadError as exc:
+            fallback.reject(checkpoint, exc.reason)
+            continue
+        for warning in fallback.warnings():
+            sys.stderr.write(f"warning: {warning}\n")
+        return checkpoint, result
+
+
+def _verified(directory: Path) -> Path:
+    """``directory`` after re-hashing it, if it is an olm checkpoint (it has a manifest).
+
+    A plain Hugging Face directory has nothing to verify against; loading it is the check.
+    """
+    if (directory / MANIFEST_FILENAME).is_file():
+        verify_checkpoint(directory, deep=True)
+    return directory
+
+
+def _load_model(directory: Path) -> tuple[Any, Any]:
+    """Model and tokenizer; any failure to load them is one CheckpointLoadError line (exit 1)."""
+    from olm_cli.modeling import load_pretrained, load_tokenizer
+
+    with loading_checkpoint(directory, "the model or tokenizer"):
+        return load_pretrained(str(directory)), load_tokenizer(str(directory))
 
 
 def run_eval(
@@ -43,22 +86,22 @@ def run_eval(
     as_json: bool,
     console: Any,
 ) -> dict[str, dict[str, float]]:
-    from olm_cli.modeling import load_pretrained, load_tokenizer
-
     if (run is None) == (checkpoint is None):
         raise RecipeError("give exactly one of --run DIR or --checkpoint DIR")
     recipe = _run_recipe(run) if run is not None else None
-    model_dir = _latest_checkpoint(run) if run is not None else Path(checkpoint)  # type: ignore[arg-type]
-    if not model_dir.is_dir():
-        raise OlmError(f"{model_dir}: no such checkpoint directory")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise OlmError(f"{checkpoint}: no such checkpoint directory")
     sets = data or (recipe.eval.sets if recipe is not None else {})
     if not sets:
         raise RecipeError("nothing to evaluate: pass --data NAME=PATH (or a run whose recipe has eval.sets)")
     for name, path in sets.items():
         if not Path(path).is_file():
             raise OlmError(f"{path}: eval file for domain {name!r} not found")
-    model = load_pretrained(str(model_dir))
-    tokenizer = load_tokenizer(str(model_dir))
+    if run is not None:
+        model_dir, (model, tokenizer) = _latest_usable(run, _load_model)
+    else:
+        model_dir = _verified(Path(checkpoint))  # type: ignore[arg-type]
+        model, tokenizer = _load_model(model_dir)
     results = evaluate_domains(
         model,
         tokenizer,
@@ -93,7 +136,7 @@ def inspect_run_replay(run: Path, *, show: int, export: Path | None, as_json: bo
     from olm_cli.modeling import load_tokenizer
     from olm_cli.replay.inspect import find_buffer_dir, inspect_replay
 
-    buffer_dir = find_buffer_dir(Path(run))
+    buffer_dir = find_buffer_dir(_replay_source(Path(run)))
     tokenizer = None
     if show or export:
         try:
@@ -102,3 +145,25 @@ def inspect_run_replay(run: Path, *, show: int, export: Path | None, as_json: bo
             tokenizer = None  # previews fall back to token ids
     return inspect_replay(buffer_dir, show=show, as_json=as_json, export=export, overwrite=overwrite,
                           tokenizer=tokenizer, console=console)
+
+
+def _replay_source(run: Path) -> Path:
+    """Where to look for the replay snapshot, once the checkpoint holding it has been re-hashed.
+
+    A run directory stands for its newest checkpoint that verifies (warning about any passed
+    over); a checkpoint directory is verified itself, a snapshot directory through the
+    checkpoint around it.
+    """
+    if (run / "checkpoints").is_dir() and not (run / MANIFEST_FILENAME).is_file():
+        checkpoint, _ = _latest_usable(run, lambda path: None)
+        if not (checkpoint / "replay").is_dir():
+            raise DataError(
+                f"the latest usable checkpoint of {run} ({checkpoint.name}) has no replay buffer: "
+                "replay.policy is 'none' in its recipe"
+            )
+        return checkpoint
+    for candidate in (run, run.parent):
+        if (candidate / MANIFEST_FILENAME).is_file():
+            _verified(candidate)
+            break
+    return run

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.data import dataset_source, discover_shards, shard_format, validate_shard
-from olm_cli.errors import EXIT_OK, CheckpointError, DataError, RecipeError
+from olm_cli.errors import EXIT_OK, CheckpointError, CheckpointLoadError, DataError, RecipeError
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import CheckpointManager, RunLock, ShardLedger
+from olm_cli.rundir.atomic import write_text_atomic
+from olm_cli.rundir.checkpoint import CheckpointFallback, CheckpointVerifyError
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -56,35 +58,65 @@ class IncrementPlan:
 
 def _read_state(checkpoint: Path) -> dict[str, Any]:
     try:
-        return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: unreadable trainer state ({exc})") from None
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointLoadError(checkpoint, f"{TRAINER_STATE} is unreadable ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointLoadError(checkpoint, f"{TRAINER_STATE} is not a JSON object")
+    return state
 
 
-def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = True) -> IncrementPlan:
+def _checkpoint_fallback(recipe: Recipe) -> CheckpointFallback:
+    return CheckpointFallback(CheckpointManager(Path(recipe.run.dir) / "checkpoints", keep=recipe.run.keep_checkpoints))
+
+
+def _resume_point(run_dir: Path, fallback: CheckpointFallback) -> tuple[Path | None, dict[str, Any], ShardLedger]:
+    """The checkpoint to continue from, its trainer state and the ledger that matches its weights.
+
+    Chosen with the cheap size check (plus a re-hash of the small trainer state, which decides
+    what to train); a checkpoint whose state cannot be read is passed over for an older one.
+    When checkpoints exist but none is usable, starting from scratch would silently train again
+    every shard they hold, so that is an error, not a fresh start.
+    """
+    while True:
+        latest = fallback.choose(hashed=(TRAINER_STATE,))
+        if latest is None:
+            if fallback.rejected:  # one error naming each checkpoint and its reason
+                raise fallback.none_usable(
+                    "Starting from the base model would train every shard again; restore a checkpoint, "
+                    f"or move {fallback.manager.root} aside to start over on purpose"
+                )
+            return None, {}, ShardLedger.resume(run_dir / "ledger.json", None)
+        try:
+            state = _read_state(latest)
+            # The ledger inside the checkpoint is the truth: shards finished after it was written
+            # are trained again from the checkpoint's data position, so none is trained twice or lost.
+            return latest, state, ShardLedger.resume(run_dir / "ledger.json", state.get("ledger"))
+        except CheckpointError as exc:
+            fallback.reject(latest, getattr(exc, "reason", str(exc)))
+
+
+def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = True,
+                   fallback: CheckpointFallback | None = None) -> IncrementPlan:
     """Decide what this invocation trains: the rest of an interrupted increment, or a new one.
 
     A new increment takes the data left over by the previous one (it stopped at its step budget
     inside a shard) plus the shards the ledger has not seen, validated up front so that bad files
     are quarantined with a reason instead of failing halfway through training. Under several
     processes every rank plans (they reach the same answer); only the main one writes.
+    ``fallback`` carries the checkpoints an earlier attempt found unusable (see run_increment);
+    the caller reports them (``fallback.warnings()``) once its choice has loaded.
     """
     run_dir = Path(recipe.run.dir)
     # Fail before training, not after an hour of it, when an eval file is missing.
     for name, path in recipe.eval.sets.items():
         if not Path(path).is_file():
             raise RecipeError(f"eval.sets.{name}: {path}: no such file")
-    checkpoints = CheckpointManager(run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
+    fallback = fallback or _checkpoint_fallback(recipe)
+    checkpoints = fallback.manager
     if main_process:
         checkpoints.cleanup_temp()
-    choice = checkpoints.resolve_latest()
-    for warning in choice.warnings:
-        say(f"[yellow]warning:[/] {warning}")
-    latest = choice.path
-    state = _read_state(latest) if latest is not None else {}
-    # The ledger inside the checkpoint is the truth: shards finished after it was written are
-    # trained again from the checkpoint's data position, so none is trained twice or lost.
-    ledger = ShardLedger.resume(run_dir / "ledger.json", state.get("ledger") if state else None)
+    latest, state, ledger = _resume_point(run_dir, fallback)
     plan = IncrementPlan(checkpoints, latest, state, ledger, resuming=bool(state) and not state.get("increment_complete", True))
     if plan.resuming:
         plan.shards = [Path(p) for p in state["stream"]["shards"]]
@@ -150,16 +182,47 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
     try:
         if lock is not None and lock.stale_message:
             say(f"[yellow]warning:[/] {lock.stale_message}")
-        plan = plan_increment(recipe, say if is_main else (lambda *_: None), main_process=is_main)
-        if not plan.has_work:
-            return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
-        if is_main:
-            (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        from olm_cli.engine import Trainer
-
-        trainer = Trainer(recipe, plan, console=console)
-        trainer.setup()
-        return trainer.train()
+        main_say = say if is_main else (lambda *_: None)
+        fallback = _checkpoint_fallback(recipe)
+        while True:  # until a checkpoint loads, or none is left (plan_increment raises)
+            plan = plan_increment(recipe, main_say, main_process=is_main, fallback=fallback)
+            if not plan.has_work:
+                _report_fallback(fallback, main_say)
+                return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
+            if is_main:
+                write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+            trainer = _load_trainer(recipe, plan, fallback, console, main_say)
+            if trainer is not None:
+                return trainer.train()
     finally:
         if lock is not None:
             lock.release()
+
+
+def _report_fallback(fallback: CheckpointFallback, say: Any) -> None:
+    for warning in fallback.warnings():
+        say(f"[yellow]warning:[/] {warning}")
+
+
+def _load_trainer(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any) -> Any:
+    """A set-up Trainer, or None after rejecting ``plan.latest`` because it cannot be used.
+
+    Planning trusted the cheap check; before any of the checkpoint's weights, optimizer or
+    state is trained on, every file is re-hashed against the manifest, and the engine reports
+    a checkpoint that verifies but does not load as CheckpointLoadError. Checkpoints passed
+    over are reported once the one chosen instead has verified.
+    """
+    from olm_cli.engine import Trainer
+
+    try:
+        if plan.latest is not None:
+            plan.checkpoints.verify(plan.latest, deep=True)
+        _report_fallback(fallback, say)
+        trainer = Trainer(recipe, plan, console=console)
+        trainer.setup()
+    except (CheckpointVerifyError, CheckpointLoadError) as exc:
+        if plan.latest is None:
+            raise
+        fallback.reject(plan.latest, exc.reason)
+        return None
+    return trainer

@@ -2,7 +2,9 @@
 
 Only safetensors are read -- a checkpoint is data, and unpickling ``.bin`` files would execute
 code. Tensors are averaged one name at a time in float32 and written in the first checkpoint's
-dtype, so peak memory is one output model plus one accumulator tensor.
+dtype, so peak memory is one output model plus one accumulator tensor. An olm checkpoint (one
+with a ``MANIFEST.json``) is re-hashed first, so bytes flipped on disk are never averaged into
+the result; a file that cannot be read is one error line naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from olm_cli.errors import CheckpointError
+from olm_cli.rundir.checkpoint import MANIFEST_FILENAME, loading_checkpoint, verify_checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -68,8 +71,10 @@ def weight_files(checkpoint: Path) -> list[Path]:
         return [single]
     index = checkpoint / INDEX_NAME
     if index.is_file():
-        with open(index, encoding="utf-8") as fh:
-            weight_map: dict[str, str] = json.load(fh).get("weight_map", {})
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (OSError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
+            raise CheckpointError(f"checkpoint {checkpoint}: {INDEX_NAME} is unreadable ({exc})") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (checkpoint / f).is_file()]
         if missing:
@@ -90,14 +95,18 @@ class _Reader:
         self.checkpoint = checkpoint
         self.where: dict[str, Any] = {}
         self.metadata: dict[str, str] = {}
+        if (checkpoint / MANIFEST_FILENAME).is_file():
+            verify_checkpoint(checkpoint, deep=True)
         for path in weight_files(checkpoint):
-            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():
-                self.where[key] = handle
+            with loading_checkpoint(checkpoint, path.name):
+                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                self.metadata.update(handle.metadata() or {})
+                for key in handle.keys():
+                    self.where[key] = handle
 
     def get(self, key: str) -> torch.Tensor:
-        tensor: torch.Tensor = self.where[key].get_tensor(key)
+        with loading_checkpoint(self.checkpoint, f"tensor {key!r}"):
+            tensor: torch.Tensor = self.where[key].get_tensor(key)
         return tensor
 
 

@@ -372,23 +372,40 @@ def test_fallback_rejects_each_checkpoint_once_and_names_where_it_lands(manager:
     (two / "config.json").write_text("{}")  # wrong size: the cheap check rejects it
     fallback = CheckpointFallback(manager)
 
-    first = fallback.choose()
-    assert first.path == three and first.warnings == []
+    assert fallback.choose() == three
+    assert fallback.warnings() == []
     fallback.reject(three, "model.safetensors does not match its sha256")  # found by the deep check
-    second = fallback.choose()
 
-    assert second.path == one
-    assert second.warnings == [
+    assert fallback.choose() == one  # the older one
+    assert fallback.warnings() == [
         "checkpoint step-00000012 is unusable (model.safetensors does not match its sha256); "
         "falling back to step-00000004",
         "checkpoint step-00000008 is unusable (config.json is 2 bytes, manifest says 14); "
         "falling back to step-00000004",
     ]
+    assert fallback.warnings() == []  # reported once
     fallback.reject(one, "cannot load optimizer.pt (bad)")
-    last = fallback.choose()
-    assert last.path is None
-    assert last.warnings == ["checkpoint step-00000004 is unusable (cannot load optimizer.pt (bad)); "
-                             "no older checkpoint verifies"]  # the others were reported already
+    assert fallback.choose() is None
+    assert [r.path for r in fallback.rejected] == [three, two, one]
+
+
+def test_rejections_are_reported_only_once_a_choice_holds(manager: CheckpointManager):
+    """step-12 falls back to step-8, which fails its deep check too: one line each, both to step-4."""
+    one = manager.save(4, writer("one"))
+    two = manager.save(8, writer("two"))
+    three = manager.save(12, writer("three"))
+    flip_bytes(two / "model.safetensors", 0)
+    fallback = CheckpointFallback(manager)
+    assert fallback.choose() == three
+    fallback.reject(three, "cannot load the model")
+    assert fallback.choose() == two  # the cheap check cannot see the flipped bytes
+    fallback.reject(two, "model.safetensors does not match its sha256")
+    assert fallback.choose() == one
+    assert fallback.warnings() == [
+        "checkpoint step-00000012 is unusable (cannot load the model); falling back to step-00000004",
+        "checkpoint step-00000008 is unusable (model.safetensors does not match its sha256); "
+        "falling back to step-00000004",
+    ]
 
 
 def test_no_usable_checkpoint_is_one_error_listing_every_reason(manager: CheckpointManager):
@@ -398,7 +415,7 @@ def test_no_usable_checkpoint_is_one_error_listing_every_reason(manager: Checkpo
     (old / "config.json").unlink()
     fallback = CheckpointFallback(manager)
 
-    assert fallback.choose(deep=True).path is None
+    assert fallback.choose(deep=True) is None
     error = fallback.none_usable("move it aside")
 
     assert str(error) == (

@@ -146,33 +146,41 @@ class LatestChoice:
 
 
 class CheckpointFallback:
-    """Walks back from ``latest`` as checkpoints prove unusable, reporting each one once.
+    """Walks back from ``latest`` as checkpoints prove unusable; reports each rejection once.
 
     Planning chooses with the cheap check; a closer look (re-hashing every file, loading the
     weights and optimizer) can still reject the choice. :meth:`reject` records that, and the
-    next :meth:`choose` skips every checkpoint rejected so far and returns a choice whose
-    ``warnings`` cover exactly the rejections not reported yet, each naming the checkpoint
-    the run falls back to.
+    next :meth:`choose` skips every checkpoint rejected so far. :meth:`warnings` is called
+    once the choice has passed that closer look: one line per rejection not reported yet,
+    naming the checkpoint the run falls back to. So a run whose every checkpoint is corrupt
+    prints one error, not a trail of fallbacks that did not hold.
     """
 
     def __init__(self, manager: CheckpointManager) -> None:
         self.manager = manager
+        self.chosen: Path | None = None
         self.rejected: list[RejectedCheckpoint] = []
         self._unreported: list[RejectedCheckpoint] = []
 
-    def choose(self, *, deep: bool = False, hashed: Collection[str] = ()) -> LatestChoice:
+    def choose(self, *, deep: bool = False, hashed: Collection[str] = ()) -> Path | None:
         choice = self.manager.resolve_latest(
             deep=deep, hashed=hashed, skip={r.path for r in self.rejected}
         )
         self.rejected.extend(choice.rejected)
-        report = LatestChoice(choice.path, self._unreported + choice.rejected)
-        self._unreported = []
-        return report
+        self._unreported.extend(choice.rejected)
+        self.chosen = choice.path
+        return choice.path
 
     def reject(self, path: Path, reason: str) -> None:
         rejected = RejectedCheckpoint(Path(path), reason)
         self.rejected.append(rejected)
         self._unreported.append(rejected)
+
+    def warnings(self) -> list[str]:
+        """``checkpoint X is unusable (why); falling back to Y`` for each rejection not yet reported."""
+        lines = LatestChoice(self.chosen, self._unreported).warnings
+        self._unreported = []
+        return lines
 
     def none_usable(self, advice: str = "") -> CheckpointError:
         """The error when every checkpoint was rejected: each one with its reason, in one line."""
