@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from olm_cli.errors import DataError, RecipeError
-from olm_cli.rundir.ledger import shard_key
+from olm_cli.rundir.ledger import file_kind_problem, shard_key
 from olm_cli.samples import Block
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,20 @@ def _validate_parquet(path: Path, text_field: str) -> int:
     if rows == 0:
         raise DataError(f"{path}: empty shard (0 rows)")
     return rows
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse a FIFO or a device before a reader opens it (and blocks, or never ends).
+
+    Shards are checked by the ledger's scan; this covers every other file a stream reads
+    (``replay.seed_from``, evaluation sets) and a shard swapped after the scan.
+    """
+    try:
+        problem = file_kind_problem(os.stat(path).st_mode)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -388,6 +402,8 @@ class BlockStream:
         self._loaded_dataset_state = None
         self._records_read = 0
         path = self.shards[self._shard_index]
+        if not is_dataset_source(path):
+            _require_regular_file(path)
         self._dataset = _load_streaming(path, shard_format(path, self.fmt))
         self._iterator = iter(self._dataset)
 

@@ -286,3 +286,12 @@ def corrupt_parquet(path: Path) -> Path:
     data[start + 8 : start + column.total_compressed_size] = b"\xff" * (column.total_compressed_size - 8)
     path.write_bytes(bytes(data))
     return path
+
+
+def test_a_stream_refuses_a_fifo_instead_of_blocking(tmp_path: Path, tokenizer) -> None:
+    fifo = tmp_path / "00-alpha" / "seed.jsonl"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    stream = BlockStream([fifo], tokenizer, block_size=16, domain_pattern=PATTERN)
+    with pytest.raises(DataError, match=r"seed.jsonl: not a regular file \(FIFO\)"):
+        stream.take(1)
