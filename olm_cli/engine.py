@@ -453,10 +453,6 @@ class Trainer:
                 if self.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
                     self._checkpoint(complete=False)
 
-        if self.bad_steps:
-            # The data ran out during a run of skipped batches: the weights that produced them
-            # must not become the increment's final checkpoint.
-            raise self._diverged()
         return self._finish_increment()
 
     def _bookkeep(self, new_blocks: list[Block], replayed: list[Any], selection: Any, per_sample: np.ndarray,
@@ -691,6 +687,10 @@ class Trainer:
     def _checkpoint(self, *, complete: bool) -> Path:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        if self.bad_steps:
+            # The last batches were all skipped (the data ran out, a signal or the time budget
+            # came mid-streak): the weights that produced them must not become the rollback target.
+            raise self._diverged()
         self._require_finite_weights()
         path = self.checkpoints.root / f"step-{self.global_step:08d}"
         # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -139,6 +140,51 @@ def test_nan_gradient_is_never_applied_and_every_night_fails_loudly(tmp_path: Pa
         assert latest(run_dir) == good
         assert assert_nothing_lost(run_dir) == good
         assert ledger_summary(run_dir)["00-alpha/shard-001.jsonl"][:2] == ("pending", 0)
+
+
+def test_a_stop_signal_during_a_nan_streak_does_not_checkpoint_the_diverged_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (as the time budget) used to checkpoint the weights behind the skipped batches: they
+    became ``latest`` and the rollback target, and every later night failed even at a sane lr."""
+    recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS)
+    run_dir = tmp_path / "run"
+    assert train(recipe).code == EXIT_OK
+    good = latest(run_dir)
+    add_shard(tmp_path / "stream", "beta", 0, docs=DOCS)
+    real_skip = engine.Trainer._skip_batch
+
+    def skip_then_sigterm(self: engine.Trainer, *args: Any, **kwargs: Any) -> None:
+        real_skip(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the loop's GracefulStop
+
+    monkeypatch.setattr(engine.Trainer, "_skip_batch", skip_then_sigterm)
+    result = train(recipe, "optim.lr=1e30")
+    monkeypatch.undo()
+
+    assert result.code == EXIT_FAILURE, result.text
+    match = DIVERGED.fullmatch(error_line(result))
+    assert match and match.groups() == ("1", good.name), result.text
+    assert assert_nothing_lost(run_dir) == good
+    # The next night, at the recipe's own lr, trains the increment from the good checkpoint.
+    assert train(recipe).code == EXIT_OK
+    assert {status for status, _, _ in ledger_summary(run_dir).values()} == {"done"}
+    assert_nothing_lost(run_dir)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a checkpoint written right after the diverging update is "
+                                       "finite, so it stays latest and every later night resumes from it")
+def test_a_lower_lr_recovers_when_a_checkpoint_landed_on_the_diverging_update(tmp_path: Path) -> None:
+    recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS, run={"checkpoint_every": 1})
+    run_dir = tmp_path / "run"
+    assert train(recipe).code == EXIT_OK
+    add_shard(tmp_path / "stream", "beta", 0, docs=DOCS)
+    # Step 1 at lr 1e30 has a finite gradient and is checkpointed (weights ~1e29, finite).
+    assert train(recipe, "optim.lr=1e30").code == EXIT_FAILURE
+
+    result = train(recipe)  # the advice: "Lower optim.lr"
+
+    assert result.code == EXIT_OK, result.text
+    assert_nothing_lost(run_dir)
 
 
 def test_metrics_stay_strict_json_when_gradients_are_nan(tmp_path: Path) -> None:
