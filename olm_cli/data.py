@@ -460,7 +460,8 @@ class BlockStream:
 
     def _tokenize_chunk(self, document: _Document) -> list[int]:
         end = chunk_end(document.text, document.offset, self.chunk_chars)
-        ids = self.tokenizer(document.text[document.offset : end], add_special_tokens=False)["input_ids"]
+        # verbose=False: documents are longer than the model's context by design (they are packed).
+        ids = self.tokenizer(document.text[document.offset : end], add_special_tokens=False, verbose=False)["input_ids"]
         document.offset = end
         return list(ids)
 

@@ -125,9 +125,13 @@ def _restore_rng(tree: dict[str, Any]) -> None:
 class Trainer:
     """One invocation of ``olm train``: at most one increment (or the rest of an interrupted one)."""
 
-    def __init__(self, recipe: Recipe, plan: IncrementPlan, *, console: Any = None) -> None:
+    def __init__(self, recipe: Recipe, plan: IncrementPlan, *, console: Any = None,
+                 stop: GracefulStop | None = None) -> None:
         self.recipe = recipe
         self.console = console
+        # Installed by run_increment before setup, so a SIGTERM during a long set-up phase (GGUF
+        # conversion, counting the blocks, the row-0 eval) is honoured too.
+        self.stop = stop
         self.run_dir = Path(recipe.run.dir)
         self.started = plan.started
         # What to train was decided without torch (olm_cli.increment); adopt it.
@@ -299,6 +303,8 @@ class Trainer:
         blocks = 0
         while (cap is None or blocks < cap) and (chunk := counter.take(1024 if cap is None else min(1024, cap - blocks))):
             blocks += len(chunk)
+            if self.stop is not None and self.stop.requested:
+                break  # train() stops before the first step; the estimate no longer matters
         in_data = max(1, math.ceil(blocks / per_step))
         if budget is None:
             return in_data
@@ -384,9 +390,15 @@ class Trainer:
         first_step = self.step
         # Rate and ETA count only what this invocation trains (a resume starts mid-increment).
         self.loop_first = (self.step, self.tokens)
-        with GracefulStop() as stop, self._progress() as progress:
+        stopping = contextlib.nullcontext(self.stop) if self.stop is not None else GracefulStop()
+        with stopping as stop, self._progress() as progress:
             task = progress.add_task(f"increment {self.increment}", total=self.horizon, completed=self.step) if progress else None
             while not self._increment_done():
+                if stop.requested and self.step == first_step:
+                    # Nothing trained in this invocation: nothing to save.
+                    where = f"continues from {self.latest.name}" if self.resuming and self.latest else "starts this increment again"
+                    return TrainOutcome("interrupted", stop.exit_code, self.increment, self.step, self.tokens, None,
+                                        f"stopped by signal {stop.signal} before the first step; the next run {where}")
                 if stop.requested:
                     path = self._checkpoint(complete=False)
                     return TrainOutcome("interrupted", stop.exit_code, self.increment, self.step, self.tokens, str(path),
@@ -853,9 +865,10 @@ def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
     if not recipe.release.enabled:
         return None
     result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step, checkpoint=checkpoint,
-                             eval_results=results, tokens_trained=tokens_trained, state_dict=state_dict, console=console)
-    if console is not None:
-        console.print(result.message if result.released else f"[yellow]warning:[/] {result.message}", highlight=False)
+                             eval_results=results, tokens_trained=tokens_trained, state_dict=state_dict)
+    # A refusal is the caller's last line (and exit code 3); a release is reported here.
+    if console is not None and result.released:
+        console.print(result.message, highlight=False)
     return result
 
 

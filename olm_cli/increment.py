@@ -14,10 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from olm_cli.data import dataset_source, discover_shards, shard_format, validate_shard
-from olm_cli.errors import EXIT_OK, CheckpointError, CheckpointLoadError, DataError, RecipeError
+from olm_cli.errors import (
+    EXIT_NOT_RELEASED,
+    EXIT_OK,
+    CheckpointError,
+    CheckpointLoadError,
+    DataError,
+    RecipeError,
+)
 from olm_cli.recipe import Recipe
-from olm_cli.rundir import CheckpointManager, RunLock, ShardLedger
+from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
 from olm_cli.rundir.atomic import write_text_atomic
 from olm_cli.rundir.checkpoint import CheckpointFallback, CheckpointVerifyError
 
@@ -184,16 +193,28 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
             say(f"[yellow]warning:[/] {lock.stale_message}")
         main_say = say if is_main else (lambda *_: None)
         fallback = _checkpoint_fallback(recipe)
-        while True:  # until a checkpoint loads, or none is left (plan_increment raises)
-            plan = plan_increment(recipe, main_say, main_process=is_main, fallback=fallback)
-            if not plan.has_work:
-                _report_fallback(fallback, main_say)
-                return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
-            if is_main:
-                write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-            trainer = _load_trainer(recipe, plan, fallback, console, main_say)
-            if trainer is not None:
-                return trainer.train()
+        # A signal during set-up (GGUF conversion, counting blocks, the row-0 eval) stops cleanly too.
+        with GracefulStop() as stop:
+            while True:  # until a checkpoint loads, or none is left (plan_increment raises)
+                plan = plan_increment(recipe, main_say, main_process=is_main, fallback=fallback)
+                released = None
+                if is_main and release_pending(recipe, plan):
+                    released = _publish_pending(recipe, plan, fallback, console, main_say)
+                    if released is None:
+                        continue  # the checkpoint was rejected; plan again without it
+                if released is not None and not released.released and plan.has_work:
+                    main_say(f"[yellow]warning:[/] {escape(released.message)}")
+                if not plan.has_work:
+                    _report_fallback(fallback, main_say)
+                    if released is not None and not released.released:
+                        return TrainOutcome("not_released", EXIT_NOT_RELEASED, plan.state.get("increment", 0),
+                                            message=released.message)
+                    return TrainOutcome("nothing_to_do", EXIT_OK, message="nothing to do: no new shards")
+                if is_main:
+                    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+                trainer = _load_trainer(recipe, plan, fallback, console, main_say, stop)
+                if trainer is not None:
+                    return trainer.train()
     finally:
         if lock is not None:
             lock.release()
@@ -204,7 +225,48 @@ def _report_fallback(fallback: CheckpointFallback, say: Any) -> None:
         say(f"[yellow]warning:[/] {warning}")
 
 
-def _load_trainer(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any) -> Any:
+def release_pending(recipe: Recipe, plan: IncrementPlan) -> bool:
+    """Whether the latest checkpoint finished an increment whose release was never attempted.
+
+    Torch-free and cheap (the release history has one line per increment), so a "nothing to
+    do" night stays fast. An attempt for this or a later increment (the latter after a fallback
+    to an older checkpoint) counts: a release is never re-published backwards.
+    """
+    if not recipe.release.enabled or plan.latest is None or plan.resuming or not plan.state.get("increment_complete"):
+        return False
+    increment = int(plan.state.get("increment", 0))
+    history = Path(recipe.run.dir) / "releases" / "history.jsonl"
+    try:
+        lines = history.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # unreadable history: olm status reports it; never re-publish blindly
+    for line in lines:
+        try:
+            if int(json.loads(line).get("increment", -1)) >= increment:
+                return False
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line cut by a crash
+    return True
+
+
+def _publish_pending(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any) -> Any:
+    """Release the increment a crash left checkpointed but unreleased; None if the checkpoint is unusable."""
+    from olm_cli.engine import publish_pending_release
+
+    assert plan.latest is not None
+    try:
+        plan.checkpoints.verify(plan.latest, deep=True)
+        _report_fallback(fallback, say)
+        return publish_pending_release(recipe, plan.latest, plan.state, console=console)
+    except (CheckpointVerifyError, CheckpointLoadError) as exc:
+        fallback.reject(plan.latest, exc.reason)
+        return None
+
+
+def _load_trainer(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any,
+                  stop: Any = None) -> Any:
     """A set-up Trainer, or None after rejecting ``plan.latest`` because it cannot be used.
 
     Planning trusted the cheap check; before any of the checkpoint's weights, optimizer or
@@ -218,7 +280,7 @@ def _load_trainer(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallb
         if plan.latest is not None:
             plan.checkpoints.verify(plan.latest, deep=True)
         _report_fallback(fallback, say)
-        trainer = Trainer(recipe, plan, console=console)
+        trainer = Trainer(recipe, plan, console=console, stop=stop)
         trainer.setup()
     except (CheckpointVerifyError, CheckpointLoadError) as exc:
         if plan.latest is None:
