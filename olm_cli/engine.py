@@ -43,7 +43,7 @@ from olm_cli.modeling import save_tokenizer
 from olm_cli.recipe import Recipe
 from olm_cli.rundir import GracefulStop
 from olm_cli.rundir.atomic import apply_umask, write_text_atomic
-from olm_cli.rundir.checkpoint import loading_checkpoint
+from olm_cli.rundir.checkpoint import loading_checkpoint, step_of
 from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree, save_tree
@@ -209,6 +209,7 @@ class Trainer:
         self.total_tokens = int(self.state.get("total_tokens", 0))
         self.unselected = int(self.state.get("unselected", 0))
         self.bad_steps = 0  # consecutive skipped batches
+        self.saved_here: set[Path] = set()  # checkpoints written by this invocation
         self.skipped_steps = 0  # skipped batches in this invocation
         self.domain_tokens: Counter[str] = Counter()
 
@@ -629,9 +630,23 @@ class Trainer:
         return None
 
     def _diverged(self) -> TrainingDivergedError:
-        """The error that ends a run whose last ``bad_steps`` batches were all skipped."""
+        """The error that ends a run whose last ``bad_steps`` batches were all skipped.
+
+        When this run saved the very weights the streak ran on (a checkpoint at the current
+        step), they are finite but diverged: ``latest`` steps back past them, so lowering the
+        learning rate is enough for the next night to succeed.
+        """
         where = (f"rolled back to {self.latest.name} (verified finite)" if self.latest is not None
                  else "no checkpoint was written")
+        diverged_here = (self.latest is not None and self.latest in self.saved_here
+                         and step_of(self.latest) == self.global_step)
+        if diverged_here and self.accelerator.is_main_process:
+            assert self.latest is not None
+            older = self.checkpoints.step_back(self.latest)
+            if older is not None:
+                where = (f"rolled back to {older.name} (verified finite; {self.latest.name} holds the weights "
+                         "that diverged and is no longer latest)")
+                self.latest = older
         return TrainingDivergedError(
             f"loss or gradients were NaN/Inf for {self.bad_steps} consecutive steps; {where}. "
             "Lower optim.lr or check the data"
@@ -713,6 +728,7 @@ class Trainer:
             path = self.checkpoints.save(self.global_step, self._write_checkpoint,
                                          metadata={"increment": self.increment, "complete": complete, "finite": True})
             self.latest = path
+            self.saved_here.add(path)
             self.ledger.save()
         accelerator.wait_for_everyone()
         return path

@@ -475,6 +475,25 @@ class CheckpointManager:
             return LatestChoice(path, rejected)
         return LatestChoice(None, rejected)
 
+    def step_back(self, path: Path) -> Path | None:
+        """Move ``latest`` from ``path`` to the newest older checkpoint that verifies; return it.
+
+        For weights that turned out to diverge right after they were saved: they are finite
+        (or they would never have been written) but no run can continue from them. ``path``
+        stays on disk until the next save prunes it (a step beyond ``latest``). None, and
+        ``latest`` untouched, when there is no older checkpoint to go back to.
+        """
+        older = [p for p in self.list() if step_of(p) < step_of(path)]
+        for candidate in reversed(older):
+            try:
+                self.verify(candidate)
+            except CheckpointVerifyError:
+                continue
+            self._replace_latest(candidate.name)
+            fsync_dir(self.root)
+            return candidate
+        return None
+
     def latest(self, *, deep: bool = False) -> Path | None:
         """The checkpoint to resume from, warning about any broken one passed over."""
         choice = self.resolve_latest(deep=deep)

@@ -171,15 +171,18 @@ def test_a_stop_signal_during_a_nan_streak_does_not_checkpoint_the_diverged_weig
     assert_nothing_lost(run_dir)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a checkpoint written right after the diverging update is "
-                                       "finite, so it stays latest and every later night resumes from it")
 def test_a_lower_lr_recovers_when_a_checkpoint_landed_on_the_diverging_update(tmp_path: Path) -> None:
     recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS, run={"checkpoint_every": 1})
     run_dir = tmp_path / "run"
     assert train(recipe).code == EXIT_OK
     add_shard(tmp_path / "stream", "beta", 0, docs=DOCS)
+    good = latest(run_dir)
     # Step 1 at lr 1e30 has a finite gradient and is checkpointed (weights ~1e29, finite).
-    assert train(recipe, "optim.lr=1e30").code == EXIT_FAILURE
+    failed = train(recipe, "optim.lr=1e30")
+    assert failed.code == EXIT_FAILURE, failed.text
+    assert failed.has(f"rolled back to {good.name} (verified finite;"), failed.text
+    assert failed.has("holds the weights that diverged and is no longer latest"), failed.text
+    assert latest(run_dir) == good
 
     result = train(recipe)  # the advice: "Lower optim.lr"
 
