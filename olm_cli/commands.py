@@ -32,7 +32,7 @@ def _run_recipe(run: Path) -> Any:
     path = Path(run) / "recipe.yaml"
     if not path.exists():
         raise OlmError(f"{run}: not an olm run directory (no recipe.yaml); run `olm train` first")
-    return load_recipe(path)
+    return load_recipe(path, written_by_olm=True)
 
 
 def _latest_usable(run: Path, use: Callable[[Path], T]) -> tuple[Path, T]:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from olm_cli.batching.config import BatchConfig
-from olm_cli.config_base import Section
+from olm_cli.config_base import IGNORE_INAPPLICABLE_KEYS, Section
 from olm_cli.distill.config import DistillConfig, RegularizeConfig, TrainConfig
 from olm_cli.errors import RecipeError
 from olm_cli.replay.config import ReplayConfig
@@ -364,15 +364,20 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", *, written_by_olm: bool = False) -> Recipe:
+    """Validate ``data``; ``written_by_olm``: a run directory's resolved recipe, whose older versions
+    list every strategy's keys, so keys of unselected strategies are dropped rather than refused."""
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={IGNORE_INAPPLICABLE_KEYS: written_by_olm})
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, source)) from None
 
 
-def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every failure is a :class:`RecipeError` (exit 2)."""
+def load_recipe(path: Path | str, overrides: list[str] | None = None, *, written_by_olm: bool = False) -> Recipe:
+    """Read, override and validate a recipe; every failure is a :class:`RecipeError` (exit 2).
+
+    ``written_by_olm``: ``path`` is a run directory's ``recipe.yaml`` (see :func:`recipe_from_dict`).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -396,7 +401,7 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: the recipe must be a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
-    recipe = recipe_from_dict(data, str(path))
+    recipe = recipe_from_dict(data, str(path), written_by_olm=written_by_olm)
     return _resolve_paths(recipe, path.parent)
 
 

@@ -19,6 +19,7 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from olm_cli.config_base import StrategySection, field_strategies  # noqa: E402
 from olm_cli.recipe import Recipe  # noqa: E402
 
 TARGET = ROOT / "docs" / "recipe.md"
@@ -32,9 +33,15 @@ problem is reported at once with its YAML path, and the exit code is 2. Relative
 relative to the recipe file. Any key can be overridden on the command line after the config:
 
 ```bash
-olm train --config recipe.yaml optim.lr=3e-4 replay.ratio=0.1 run.dir=/tmp/x
+olm train --config recipe.yaml optim.lr=3e-4 replay.policy=reservoir replay.ratio=0.1 run.dir=/tmp/x
 olm validate --config recipe.yaml      # print the resolved recipe
 ```
+
+The strategy sections (`selector`, `batch`, `replay`, `distill`, `regularize`) choose one
+strategy by `name`, `policy` or `method`; their *applies to* column says which strategies a key
+belongs to. A key given for a strategy that is not selected is an error naming its strategies
+(`selector.num_clusters: applies to selector 'coverage', not 'random'`), never silently ignored.
+The resolved recipe lists only the keys that apply.
 """
 
 
@@ -65,13 +72,31 @@ def _default(field: typing.Any) -> str:
     return f"`{field.default!r}`"
 
 
+def _applies_to(model: type[StrategySection], key: str) -> str:
+    """Cell naming the strategies ``key`` belongs to, said the shorter way round."""
+    if key == model.strategy_key:
+        return "(selects)"
+    declared = field_strategies(model.model_fields[key])
+    if declared is None:
+        return "all"
+    excluded = [name for name in model.strategy_names() if name not in declared]
+    if len(excluded) < len(declared):
+        return "all but " + ", ".join(f"`{name}`" for name in excluded)
+    return ", ".join(f"`{name}`" for name in declared)
+
+
 def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
     doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
-    lines += [f"## `{name}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    strategy_section = issubclass(model, StrategySection)
+    columns = ["key", "type", "default", *(["applies to"] if strategy_section else []), "meaning"]
+    lines += [f"## `{name}`", "", doc, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
     nested: list[tuple[str, type[BaseModel]]] = []
     for key, field in model.model_fields.items():
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
+        cells = [f"`{key}`", _type_name(field.annotation), _default(field)]
+        if strategy_section:
+            cells.append(_applies_to(model, key))
+        lines.append(f"| {' | '.join([*cells, description])} |")
         for candidate in (field.annotation, *typing.get_args(field.annotation)):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 nested.append((f"{name}.{key}", candidate))

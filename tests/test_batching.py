@@ -51,7 +51,8 @@ def test_fixed_plan_and_accumulation() -> None:
 
 @pytest.mark.parametrize("name", sorted(BATCH_POLICIES))
 def test_oom_halves_micro_batch_keeps_samples_and_gives_up_at_one(name: str) -> None:
-    cfg = BatchConfig(policy=name, size=12, micro_batch=12, period_samples=12)
+    periodic = {"period_samples": 12} if name == "periodic" else {}
+    cfg = BatchConfig(policy=name, size=12, micro_batch=12, **periodic)
     policy = build_batch_policy(cfg, clock=FakeClock())
     samples = policy.plan().samples
     seen = [policy.plan().micro_batch]
@@ -82,7 +83,7 @@ def test_resource_sizes_micro_batch_from_measured_memory() -> None:
             peak=10 * gib + snapshot["micro"] * gib, allocated=10 * gib, total=40 * gib
         )
 
-    cfg = BatchConfig(policy="resource", size=64, max_size=64, memory_headroom=0.0, regrow_after=3)
+    cfg = BatchConfig(policy="resource", size=64, memory_headroom=0.0, regrow_after=3)
     policy = build_batch_policy(cfg, memory_probe=probe)
     assert policy.plan().micro_batch == 64
     assert policy.on_oom() and policy.plan().micro_batch == 32
@@ -97,7 +98,7 @@ def test_resource_sizes_micro_batch_from_measured_memory() -> None:
 
 def test_resource_regrows_after_quiet_period_when_memory_frees_up() -> None:
     gib = 1 << 30
-    cfg = BatchConfig(policy="resource", size=64, max_size=64, memory_headroom=0.0, regrow_after=2)
+    cfg = BatchConfig(policy="resource", size=64, memory_headroom=0.0, regrow_after=2)
     policy = build_batch_policy(
         cfg, memory_probe=lambda: MemorySnapshot(peak=12 * gib, allocated=10 * gib, total=80 * gib)
     )
@@ -243,7 +244,8 @@ def drive(policy: BatchPolicy, clock: FakeClock, steps: int, start: int = 0) -> 
 
 @pytest.mark.parametrize("name", sorted(BATCH_POLICIES))
 def test_state_round_trip(name: str) -> None:
-    cfg = BatchConfig(policy=name, window=3, period_seconds=4.0, size=8, micro_batch=4)
+    own_keys = {"adaptive": {"window": 3}, "periodic": {"period_seconds": 4.0}}.get(name, {})
+    cfg = BatchConfig(policy=name, size=8, micro_batch=4, **own_keys)
     clock = FakeClock()
     original = build_batch_policy(cfg, clock=clock, memory_probe=lambda: None)
     drive(original, clock, 7)
@@ -278,14 +280,15 @@ def test_config_validation_reports_every_problem() -> None:
     assert "batch.size (100)" in message
     assert "entropy_low" in message
     assert "period_seconds or batch.period_samples" in message
+    assert "applies to batch policy 'uncertainty', not 'periodic'" in message
     with pytest.raises(ValidationError, match="min_size"):
-        BatchConfig(min_size=10, max_size=5, size=7)
+        BatchConfig(policy="adaptive", min_size=10, max_size=5, size=7)
     with pytest.raises(ValidationError):
         BatchConfig(micro_batch=0)
     with pytest.raises(ValidationError):
         BatchConfig(sise=8)
     with pytest.raises(ValidationError):
-        BatchConfig(grow_factor=1.0)
+        BatchConfig(policy="adaptive", grow_factor=1.0)
     with pytest.raises(ValidationError, match="period_samples"):
         BatchConfig(policy="periodic", period_samples=1000)
     for field in BatchConfig.model_fields.values():

@@ -129,9 +129,9 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="teacher"):
         DistillConfig(method="teacher")
     with pytest.raises(ValueError):
-        DistillConfig(alpha=1.5)
+        DistillConfig(method="lwf", alpha=1.5)
     with pytest.raises(ValueError):
-        DistillConfig(temperature=0.0)
+        DistillConfig(method="lwf", temperature=0.0)
     with pytest.raises(ValueError, match="extra"):
         DistillConfig(temprature=2.0)  # type: ignore[call-arg]
     assert build_distiller(DistillConfig(), load_teacher=lambda s: tiny_llama()) is None

@@ -45,7 +45,7 @@ def test_builders() -> None:
     assert isinstance(build_regularizer(RegularizeConfig(method="ewc")), Regularizer)
     assert isinstance(build_regularizer(RegularizeConfig(method="l2")), L2Regularizer)
     with pytest.raises(ValueError):
-        RegularizeConfig(fisher_decay=1.5)
+        RegularizeConfig(method="ewc", fisher_decay=1.5)
 
 
 def test_ewc_zero_before_fisher_and_at_anchor_then_quadratic() -> None:

@@ -16,16 +16,16 @@ def test_defaults_disable_replay() -> None:
 @pytest.mark.parametrize(
     ("values", "field"),
     [
-        ({"capacity": -1}, "capacity"),
-        ({"capacity": 0}, "capacity"),
-        ({"ratio": 1.0}, "ratio"),
-        ({"ratio": -0.1}, "ratio"),
+        ({"policy": "reservoir", "capacity": -1}, "capacity"),
+        ({"policy": "reservoir", "capacity": 0}, "capacity"),
+        ({"policy": "reservoir", "ratio": 1.0}, "ratio"),
+        ({"policy": "reservoir", "ratio": -0.1}, "ratio"),
         ({"policy": "random"}, "policy"),
-        ({"capacity_unit": "bytes"}, "capacity_unit"),
-        ({"store_logits_topk": -1}, "store_logits_topk"),
-        ({"priority_ageing": -0.5}, "priority_ageing"),
-        ({"importance_smoothing": 1.5}, "importance_smoothing"),
-        ({"seed_samples": -3}, "seed_samples"),
+        ({"policy": "reservoir", "capacity_unit": "bytes"}, "capacity_unit"),
+        ({"policy": "reservoir", "store_logits_topk": -1}, "store_logits_topk"),
+        ({"policy": "priority", "priority_ageing": -0.5}, "priority_ageing"),
+        ({"policy": "importance", "importance_smoothing": 1.5}, "importance_smoothing"),
+        ({"policy": "reservoir", "seed_samples": -3}, "seed_samples"),
         ({"capacityy": 10}, "capacityy"),
     ],
 )
@@ -37,7 +37,7 @@ def test_invalid_values_name_the_field(values: dict, field: str) -> None:
 
 def test_all_errors_are_reported_at_once() -> None:
     with pytest.raises(ValidationError) as info:
-        ReplayConfig(capacity=-1, ratio=2.0, unknown=True)
+        ReplayConfig(policy="reservoir", capacity=-1, ratio=2.0, unknown=True)
     assert {str(e["loc"][0]) for e in info.value.errors()} == {"capacity", "ratio", "unknown"}
 
 

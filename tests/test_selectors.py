@@ -253,7 +253,9 @@ def test_state_round_trip_gives_identical_next_selection(name: str) -> None:
     model = clustered(centres=4, per_centre=4)
     rng = np.random.default_rng(0)
     pools = [[block(rng.integers(1, 17, size=3).tolist()) for _ in range(12)] for _ in range(3)]
-    config = cfg(name=name, mode="sample", temperature=0.5, num_clusters=4)
+    sampled = {} if name == "random" else {"mode": "sample", "temperature": 0.5}
+    clusters = {"num_clusters": 4} if name == "coverage" else {}
+    config = cfg(name=name, **sampled, **clusters)
     original: Selector = build_selector(config, seed=7)
     original.select(model, pools[0], 4, PAD)
     buffer = io.BytesIO()
@@ -284,10 +286,10 @@ def test_config_defaults_and_validation() -> None:
     default = SelectorConfig()
     assert (default.name, default.pool_factor, default.mode) == ("random", 1, "topk")
     with pytest.raises(ValidationError, match="requires selector.threshold"):
-        SelectorConfig(mode="threshold")
-    for bad in ({"pool_factor": 0}, {"temperature": 0.0}, {"name": "entropyy"}, {"poolfactor": 2}):
+        SelectorConfig(name="entropy", mode="threshold")
+    for bad in ({"pool_factor": 0}, {"name": "loss", "temperature": 0.0}, {"name": "entropyy"}, {"poolfactor": 2}):
         with pytest.raises(ValidationError):
             SelectorConfig(**bad)
-    assert SelectorConfig(mode="threshold", threshold=0.5).threshold == 0.5
+    assert SelectorConfig(name="entropy", mode="threshold", threshold=0.5).threshold == 0.5
     for field in SelectorConfig.model_fields.values():
         assert field.description

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from olm_cli.config_base import Section
+from olm_cli.config_base import StrategySection, for_strategies
 
 PolicyName = Literal["fixed", "adaptive", "uncertainty", "resource", "periodic"]
 
+SIZE_CHOOSING_POLICIES = ("adaptive", "uncertainty", "periodic")
+"""Policies that choose the effective batch themselves, within [min_size, max_size]; fixed and
+resource always train ``size`` samples."""
 
-class BatchConfig(Section):
+
+class BatchConfig(StrategySection):
     """Effective batch (samples per optimizer step) and micro-batch (samples per forward).
 
     Accumulation steps are ``ceil(samples / micro_batch)``, so changing the micro-batch (e.g.
     after an out-of-memory error) never changes what one optimizer step means.
     """
+
+    strategy_key: ClassVar[str] = "policy"
+    strategy_kind: ClassVar[tuple[str, str]] = ("batch policy", "batch policies")
 
     policy: PolicyName = Field(
         default="fixed",
@@ -40,15 +47,22 @@ class BatchConfig(Section):
         "The resource policy ignores it and starts at the whole batch.",
     )
     min_size: int = Field(
-        default=1, ge=1, description="Smallest effective batch any policy may choose."
+        default=1,
+        json_schema_extra=for_strategies(*SIZE_CHOOSING_POLICIES),
+        ge=1,
+        description="Smallest effective batch the policy may choose.",
     )
     max_size: int = Field(
-        default=64, ge=1, description="Largest effective batch any policy may choose."
+        default=64,
+        json_schema_extra=for_strategies(*SIZE_CHOOSING_POLICIES),
+        ge=1,
+        description="Largest effective batch the policy may choose.",
     )
 
     # adaptive
     signal: Literal["loss_trend", "noise_scale"] = Field(
         default="loss_trend",
+        json_schema_extra=for_strategies("adaptive"),
         description=(
             "adaptive: loss_trend grows the batch when the loss plateaus or its noise hides "
             "the trend and shrinks it when the loss rises (new data); noise_scale targets "
@@ -58,22 +72,26 @@ class BatchConfig(Section):
     )
     window: int = Field(
         default=8,
+        json_schema_extra=for_strategies("adaptive"),
         ge=2,
         description="adaptive: steps observed at one batch size before the next decision.",
     )
     grow_factor: float = Field(
         default=2.0,
+        json_schema_extra=for_strategies("adaptive"),
         gt=1.0,
         description="adaptive: the most the batch is multiplied (or divided) by per decision.",
     )
     plateau_tolerance: float = Field(
         default=0.01,
+        json_schema_extra=for_strategies("adaptive"),
         ge=0.0,
         description="adaptive: relative loss improvement over a window below which the loss "
         "counts as plateaued (grow).",
     )
     rise_tolerance: float = Field(
         default=0.05,
+        json_schema_extra=for_strategies("adaptive"),
         ge=0.0,
         description="adaptive: relative loss rise over a window above which the batch shrinks "
         "so the model adapts to a shift with more, smaller steps.",
@@ -82,22 +100,26 @@ class BatchConfig(Section):
     # uncertainty
     entropy_low: float = Field(
         default=1.0,
+        json_schema_extra=for_strategies("uncertainty"),
         description="uncertainty: pool mean entropy (nats) at or below which the batch is min_size.",
     )
     entropy_high: float = Field(
         default=5.0,
+        json_schema_extra=for_strategies("uncertainty"),
         description="uncertainty: pool mean entropy (nats) at or above which the batch is max_size.",
     )
 
     # resource
     memory_headroom: float = Field(
         default=0.1,
+        json_schema_extra=for_strategies("resource"),
         ge=0.0,
         lt=1.0,
         description="resource: fraction of device memory kept free when sizing the micro-batch.",
     )
     regrow_after: int = Field(
         default=50,
+        json_schema_extra=for_strategies("resource"),
         ge=1,
         description="resource: steps after an OOM before the micro-batch may grow again.",
     )
@@ -105,18 +127,21 @@ class BatchConfig(Section):
     # periodic
     period_seconds: float | None = Field(
         default=None,
+        json_schema_extra=for_strategies("periodic"),
         gt=0.0,
         description="periodic: aim for one optimizer step per this many seconds, sizing the "
         "batch from the measured sample throughput.",
     )
     period_samples: int | None = Field(
         default=None,
+        json_schema_extra=for_strategies("periodic"),
         ge=1,
         description="periodic: one optimizer step per this many accumulated samples (with "
         "period_seconds too, whichever comes first).",
     )
     throughput_smoothing: float = Field(
         default=0.3,
+        json_schema_extra=for_strategies("periodic"),
         gt=0.0,
         le=1.0,
         description="periodic: weight of the newest throughput measurement in its moving "
@@ -128,7 +153,8 @@ class BatchConfig(Section):
         problems = []
         if self.min_size > self.max_size:
             problems.append(f"batch.min_size ({self.min_size}) > batch.max_size ({self.max_size})")
-        if not self.min_size <= self.size <= self.max_size:
+        # fixed and resource train `size` whatever the bounds (which they do not accept).
+        if self.uses("min_size") and not self.min_size <= self.size <= self.max_size:
             problems.append(
                 f"batch.size ({self.size}) must lie within "
                 f"[min_size={self.min_size}, max_size={self.max_size}]"

@@ -6,15 +6,23 @@ what it already knows -- and the engine reads them side by side when it builds t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from olm_cli.config_base import Section
+from olm_cli.config_base import Section, StrategySection, for_strategies
+
+DISTILLING_METHODS = ("teacher", "lwf", "stored_logits")
+"""Methods that add a distillation term (everything but ``none``)."""
+PENALISING_METHODS = ("ewc", "l2")
+"""Methods that add a weight-space penalty (everything but ``none``)."""
 
 
-class DistillConfig(Section):
+class DistillConfig(StrategySection):
     """Knowledge distillation: pull the student toward a teacher's output distribution."""
+
+    strategy_key: ClassVar[str] = "method"
+    strategy_kind: ClassVar[tuple[str, str]] = ("distill method", "distill methods")
 
     method: Literal["none", "teacher", "lwf", "stored_logits"] = Field(
         default="none",
@@ -27,26 +35,31 @@ class DistillConfig(Section):
     )
     teacher: str | None = Field(
         default=None,
+        json_schema_extra=for_strategies("teacher"),
         description="Hub id, local directory or checkpoint of the teacher; required for method teacher.",
     )
     alpha: float = Field(
         default=0.5,
+        json_schema_extra=for_strategies(*DISTILLING_METHODS),
         ge=0.0,
         le=1.0,
         description="Weight of the cross-entropy term; the distillation term gets 1 - alpha.",
     )
     temperature: float = Field(
         default=2.0,
+        json_schema_extra=for_strategies(*DISTILLING_METHODS),
         gt=0.0,
         description="Softmax temperature T for both distributions; the KL term is scaled by T^2.",
     )
     topk: int = Field(
         default=16,
+        json_schema_extra=for_strategies("stored_logits"),
         ge=1,
         description="stored_logits: how many logits per position are kept with each replay sample.",
     )
     trust_remote_code: bool = Field(
         default=False,
+        json_schema_extra=for_strategies("teacher"),
         description="Passed to from_pretrained when loading the teacher.",
     )
 
@@ -57,8 +70,11 @@ class DistillConfig(Section):
         return self
 
 
-class RegularizeConfig(Section):
+class RegularizeConfig(StrategySection):
     """Weight-space penalties that keep parameters near the previous increment's solution."""
+
+    strategy_key: ClassVar[str] = "method"
+    strategy_kind: ClassVar[tuple[str, str]] = ("regularize method", "regularize methods")
 
     method: Literal["none", "ewc", "l2"] = Field(
         default="none",
@@ -69,16 +85,19 @@ class RegularizeConfig(Section):
     )
     strength: float = Field(
         default=1.0,
+        json_schema_extra=for_strategies(*PENALISING_METHODS),
         ge=0.0,
         description="lambda, the penalty weight added to the loss.",
     )
     fisher_batches: int = Field(
         default=8,
+        json_schema_extra=for_strategies("ewc"),
         ge=1,
         description="ewc: number of batches used to estimate the Fisher at the end of an increment.",
     )
     fisher_decay: float = Field(
         default=1.0,
+        json_schema_extra=for_strategies("ewc"),
         ge=0.0,
         le=1.0,
         description=(

@@ -6,19 +6,25 @@ from these models; a field without one would be an undocumented knob.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field
 
-from olm_cli.config_base import Section
+from olm_cli.config_base import StrategySection, for_strategies
 
 ReplayPolicyName = Literal[
     "none", "reservoir", "fifo", "lru", "priority", "domain_balanced", "importance"
 ]
 
+BUFFERED_POLICIES: tuple[str, ...] = tuple(name for name in get_args(ReplayPolicyName) if name != "none")
+"""Policies that keep a buffer; with ``none`` there is nothing to size, seed or replay."""
 
-class ReplayConfig(Section):
+
+class ReplayConfig(StrategySection):
     """How much old data is kept, which of it, and how much of each batch it supplies."""
+
+    strategy_key: ClassVar[str] = "policy"
+    strategy_kind: ClassVar[tuple[str, str]] = ("replay policy", "replay policies")
 
     policy: ReplayPolicyName = Field(
         "none",
@@ -34,11 +40,13 @@ class ReplayConfig(Section):
     )
     capacity: int = Field(
         10_000,
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         gt=0,
         description="Size limit of the buffer, counted in capacity_unit.",
     )
     capacity_unit: Literal["samples", "tokens"] = Field(
         "samples",
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         description=(
             "Unit of capacity: number of samples, or number of tokens summed over samples "
             "(stored logits do not count)."
@@ -46,6 +54,7 @@ class ReplayConfig(Section):
     )
     ratio: float = Field(
         0.0,
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         ge=0.0,
         lt=1.0,
         description=(
@@ -55,6 +64,7 @@ class ReplayConfig(Section):
         ),
     )
     seed_from: list[str] = Field(
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         default_factory=list,
         description=(
             "Shard paths or glob patterns (relative to the recipe's directory) whose blocks "
@@ -63,11 +73,13 @@ class ReplayConfig(Section):
     )
     seed_samples: int = Field(
         1000,
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         ge=0,
         description="At most this many blocks are taken from seed_from (the first ones read).",
     )
     priority_ageing: float = Field(
         0.001,
+        json_schema_extra=for_strategies("priority"),
         ge=0.0,
         description=(
             "priority policy only: exponential decay rate per training step of a sample's "
@@ -78,6 +90,7 @@ class ReplayConfig(Section):
     )
     importance_smoothing: float = Field(
         0.1,
+        json_schema_extra=for_strategies("importance"),
         ge=0.0,
         le=1.0,
         description=(
@@ -88,6 +101,7 @@ class ReplayConfig(Section):
     )
     store_logits_topk: int = Field(
         0,
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         ge=0,
         description=(
             "When > 0, the engine stores the model's top-k logits (float16 values, int32 "

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from olm_cli.config_base import Section
+from olm_cli.config_base import StrategySection, for_strategies
 
 SelectorName = Literal["random", "entropy", "loss", "gradnorm", "diversity", "coverage"]
 SelectionMode = Literal["topk", "sample", "threshold"]
 
+SCORING_SELECTORS: tuple[str, ...] = tuple(name for name in get_args(SelectorName) if name != "random")
+"""Selectors that score the pool with a forward pass; ``random`` neither scores nor ranks."""
 
-class SelectorConfig(Section):
+
+class SelectorConfig(StrategySection):
     """How a pool of candidates is scored and cut down to one batch.
 
     The pool is ``pool_factor`` times larger than the batch, so a factor of 1 means "train on
     everything that arrives" whatever the selector; the extra candidates are counted as
     unselected by the engine, never dropped silently.
     """
+
+    strategy_key: ClassVar[str] = "name"
+    strategy_kind: ClassVar[tuple[str, str]] = ("selector", "selectors")
 
     name: SelectorName = Field(
         default="random",
@@ -40,6 +46,7 @@ class SelectorConfig(Section):
     )
     mode: SelectionMode = Field(
         default="topk",
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         description=(
             "topk: the k highest scores. sample: k draws without replacement with probability "
             "proportional to exp(score / temperature), which keeps some easy samples in the "
@@ -49,6 +56,7 @@ class SelectorConfig(Section):
     )
     temperature: float = Field(
         default=1.0,
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         gt=0.0,
         description=(
             "Softness of `sample` mode: large values approach uniform sampling, small values "
@@ -57,6 +65,7 @@ class SelectorConfig(Section):
     )
     threshold: float | None = Field(
         default=None,
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         description=(
             "Minimum score kept in `threshold` mode (required there, in the selector's own "
             "units: nats for entropy/loss, cosine distance for diversity, importance for "
@@ -65,6 +74,7 @@ class SelectorConfig(Section):
     )
     weighting: bool = Field(
         default=False,
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         description=(
             "Weight each selected sample's loss proportionally to its score, normalised to "
             "mean 1 over the batch, so the loss scale and learning rate keep their meaning."
@@ -72,11 +82,13 @@ class SelectorConfig(Section):
     )
     num_clusters: int = Field(
         default=8,
+        json_schema_extra=for_strategies("coverage"),
         ge=1,
         description="coverage: number of online k-means centroids kept across steps.",
     )
     cluster_decay: float = Field(
         default=0.99,
+        json_schema_extra=for_strategies("coverage"),
         gt=0.0,
         le=1.0,
         description=(
@@ -86,6 +98,7 @@ class SelectorConfig(Section):
     )
     score_micro_batch: int = Field(
         default=16,
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         ge=1,
         description=(
             "Candidates per scoring forward pass. Scoring keeps no activations for backward, "
@@ -94,6 +107,7 @@ class SelectorConfig(Section):
     )
     score_tokens: int | None = Field(
         default=None,
+        json_schema_extra=for_strategies(*SCORING_SELECTORS),
         ge=2,
         description=(
             "Score each candidate on its first score_tokens tokens only (null: the whole "
