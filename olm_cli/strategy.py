@@ -52,6 +52,7 @@ class StrategyContext:
     clock: Callable[[], float] = time.monotonic
     memory_probe: Any = None  # the resource batch policy's probe (injectable in tests)
     load_model: Callable[[str], Any] | None = None  # a model by path or hub id, on the training device
+    say: Callable[[str], object] = lambda _message: None  # a line for the user (main process only)
     extras: dict[str, Any] = field(default_factory=dict)  # for strategies registered from outside
 
 
