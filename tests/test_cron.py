@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from e2e_helpers import (
     add_shard,
     assert_bit_identical,
@@ -27,6 +28,9 @@ from e2e_helpers import (
     wait_for,
     weights,
 )
+
+# End to end (training runs, real ``olm`` processes, signals): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
 
 DOCS = 8  # small shards: a few steps each
 

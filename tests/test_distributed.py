@@ -13,6 +13,9 @@ import torch
 from conftest import add_shard, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
+# End to end (torchrun with two real processes): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
 

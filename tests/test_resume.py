@@ -35,6 +35,9 @@ from e2e_helpers import (
 
 from olm_cli.rundir import CheckpointManager
 
+# End to end (training runs, kill -9 of real processes): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 # One recipe exercises both kinds of strategy state: a reservoir replay buffer (on disk, with
 # its own RNG) supplies a quarter of every batch, and the entropy selector scores a pool twice
 # the size of the new-data share and keeps the top half.

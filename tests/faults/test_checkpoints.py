@@ -32,6 +32,9 @@ from olm_cli.rundir import CheckpointManager
 from olm_cli.rundir.checkpoint import MANIFEST_FILENAME
 from olm_cli.rundir.ledger import sha256_file
 
+# End to end (a trained run, then real ``olm`` processes): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 # Replay state is part of what a fallback must restore, so the recipe keeps a buffer.
 SECTIONS: dict[str, dict[str, Any]] = {
     "replay": {"policy": "reservoir", "ratio": 0.25, "capacity": 48},
@@ -112,7 +115,6 @@ def _lines(result: Result, marker: str) -> list[str]:
     return [line for line in result.text.splitlines() if marker in line]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_unusable_latest_falls_back_to_the_previous_checkpoint(tmp_path: Path, damage: str) -> None:
     recipe, run_dir, reference = _trained_run(tmp_path)
@@ -145,7 +147,6 @@ def test_unusable_latest_falls_back_to_the_previous_checkpoint(tmp_path: Path, d
     assert {status for status, _, _ in ledger_summary(run_dir).values()} == {"done"}
 
 
-@pytest.mark.slow
 def test_no_usable_checkpoint_is_an_error_not_a_silent_fresh_start(tmp_path: Path) -> None:
     recipe, run_dir, reference = _trained_run(tmp_path)
     checkpoints = CheckpointManager(run_dir / "checkpoints")
@@ -177,7 +178,6 @@ def test_no_usable_checkpoint_is_an_error_not_a_silent_fresh_start(tmp_path: Pat
     assert after["01-beta/shard-000.jsonl"][0] == "pending"
 
 
-@pytest.mark.slow
 def test_eval_refuses_a_corrupt_checkpoint_in_one_line(tmp_path: Path) -> None:
     recipe, run_dir, _ = _trained_run(tmp_path)
     held_out = write_jsonl(tmp_path / "eval" / "alpha.jsonl", make_documents("alpha", 3, seed=99))

@@ -27,6 +27,9 @@ from e2e_helpers import (
     wait_for,
 )
 
+# End to end (training runs and real ``olm`` processes): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 DOCS = 8
 # Big enough that tokenising it in one call used to take several seconds and hold every token in
 # one list (the issue's 50 MB record hung training); small enough to write in a blink.
@@ -58,7 +61,6 @@ def _assert_ledger_matches_outcome(run_dir: Path, tokens: int) -> None:
     assert sum(e["tokens"] for e in ledger(run_dir).values()) == tokens
 
 
-@pytest.mark.slow
 def test_one_huge_record_trains_and_sigterm_is_honoured_within_seconds(tmp_path: Path, record_property: Any) -> None:
     recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS,
                          model={"arch": {"size": "tiny", "vocab_size": 320, "hidden_size": 32,
@@ -200,7 +202,6 @@ def test_parquet_shard_with_a_corrupt_row_group_is_quarantined(tmp_path: Path) -
     _assert_ledger_matches_outcome(run_dir, outcome["tokens"])
 
 
-@pytest.mark.slow
 def test_a_huge_record_streams_at_the_rate_of_normal_records(tmp_path: Path, record_property: Any) -> None:
     """Tokens/s of the block stream on one big record vs the same text as normal records."""
     from olm_cli.data import BlockStream

@@ -20,6 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from olm_cli.errors import EXIT_NOT_RELEASED, CheckpointError
 
+# End to end (every test trains through the CLI): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 EVAL = {"alpha": "eval/alpha.jsonl", "beta": "eval/beta.jsonl"}
 
 
@@ -46,7 +49,6 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "releases" / "history.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_a_completed_increment_is_released_and_loads_with_plain_transformers(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     result = cli("train", "--config", recipe)
@@ -66,7 +68,6 @@ def test_a_completed_increment_is_released_and_loads_with_plain_transformers(tmp
     assert info["step"] == trainer_state(latest(run_dir))["global_step"]
 
 
-@pytest.mark.slow
 def test_a_failed_gate_keeps_the_previous_release_and_exits_3(tmp_path: Path) -> None:
     # A zero budget on every domain: the second increment (another domain) cannot get better everywhere.
     recipe = _recipe(tmp_path, eval={"gate": {"max_regression": {"*": 0.0}, "relative": False}})
@@ -99,7 +100,6 @@ def test_a_failed_gate_keeps_the_previous_release_and_exits_3(tmp_path: Path) ->
     assert _release_target(run_dir) == "release-0001"
 
 
-@pytest.mark.slow
 def test_a_domain_that_evaluates_to_nan_is_trained_but_never_served(tmp_path: Path, monkeypatch) -> None:
     import olm_cli.evaluate
 
@@ -127,7 +127,6 @@ def test_a_domain_that_evaluates_to_nan_is_trained_but_never_served(tmp_path: Pa
         json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
 
 
-@pytest.mark.slow
 def test_a_crash_between_checkpoint_and_release_is_released_by_the_next_run(tmp_path: Path, monkeypatch) -> None:
     import olm_cli.release
 
@@ -156,7 +155,6 @@ def test_a_crash_between_checkpoint_and_release_is_released_by_the_next_run(tmp_
     assert again.code == 0 and "was checkpointed" not in again.text, again.text
 
 
-@pytest.mark.slow
 def test_release_disabled_writes_no_release(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, release={"enabled": False})
     result = cli("train", "--config", recipe)

@@ -40,6 +40,9 @@ from olm_cli import engine
 from olm_cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_SIGTERM
 from olm_cli.rundir import CheckpointManager
 
+# End to end (every test trains through the CLI): outside the fast loop, ``-m 'not slow'``.
+pytestmark = pytest.mark.slow
+
 DOCS = 8  # a shard of 8 documents is about four steps of batch 4
 DIVERGED = re.compile(
     r"error: loss or gradients were NaN/Inf for (\d+) consecutive steps; "
@@ -464,7 +467,6 @@ def test_replay_seed_files_are_read_with_the_recipes_text_field(tmp_path: Path) 
 # --------------------------------------------------------------------------- 9: resume after SIGTERM
 
 
-@pytest.mark.slow
 def test_resume_after_sigterm_names_its_checkpoint_and_reports_an_honest_rate(tmp_path: Path) -> None:
     recipe = make_recipe(tmp_path, shards=[("alpha", 0), ("alpha", 1), ("beta", 0)], docs=24,
                          run={"checkpoint_every": 1000})
