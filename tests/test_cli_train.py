@@ -165,6 +165,7 @@ def test_status_json(run: dict[str, Any]) -> None:
     assert status["lock"] is None and status["problems"] == []
 
 
+@pytest.mark.slow
 def test_second_train_with_no_new_shards_is_a_fast_no_op(run: dict[str, Any], record_property: Any) -> None:
     checkpoint = latest(run["dir"])
     before = weights(checkpoint)

@@ -88,6 +88,7 @@ def _fake_sdist(cache: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_offline_build_layout_and_content(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = _build(out, tmp_path / "empty-cache")
@@ -119,6 +120,7 @@ def test_offline_build_layout_and_content(tmp_path: Path) -> None:
         assert sum(map(len, _read_jsonl(shard))) >= 4000
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_text(tmp_path: Path) -> None:
     _build(tmp_path / "a", tmp_path / "cache")
     _build(tmp_path / "b", tmp_path / "cache")
@@ -130,6 +132,7 @@ def test_same_seed_same_bytes_other_seed_other_text(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cached_sdist_gives_drama_without_poems_or_folio(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     _fake_sdist(cache)
@@ -144,6 +147,7 @@ def test_cached_sdist_gives_drama_without_poems_or_folio(tmp_path: Path) -> None
     assert "HAMLET" in text or "MACBETH" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["txt", "parquet"])
 def test_other_formats(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "demo"
@@ -158,6 +162,7 @@ def test_other_formats(tmp_path: Path, fmt: str) -> None:
         assert (out / "eval" / "prose.txt").read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     _build(out, tmp_path / "cache")

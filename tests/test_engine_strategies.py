@@ -39,6 +39,7 @@ def test_lwf_and_ewc_run_and_persist_their_state(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
+@pytest.mark.slow
 def test_teacher_distillation_from_a_checkpoint_and_vocab_mismatch(tmp_path: Path) -> None:
     teacher_run = tmp_path / "teacher"
     teacher_run.mkdir()

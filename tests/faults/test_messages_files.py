@@ -262,6 +262,7 @@ def test_replay_export_refuses_an_existing_file_with_one_line(nightly_runs: dict
 # --------------------------------------------------------------------------- recipes
 
 
+@pytest.mark.slow
 def test_duplicate_key_is_exit_2_naming_both_lines(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(textwrap.dedent("""\
