@@ -152,7 +152,7 @@ class Trainer:
         from olm_cli.batching import build_batch_policy
         from olm_cli.distill import build_distiller, build_regularizer
         from olm_cli.modeling import load_pretrained, load_source, load_tokenizer
-        from olm_cli.partial import apply_trainable, wrap_lora
+        from olm_cli.partial import PartialUpdates
         from olm_cli.replay import build_replay_buffer
         from olm_cli.selectors import build_selector
 
@@ -182,9 +182,8 @@ class Trainer:
         self.pad_id = int(tokenizer.pad_token_id)
 
         self.increment = int(self.state["increment"]) if self.resuming else self.ledger.start_increment()
-        if recipe.train.lora is not None:
-            model = wrap_lora(model, recipe.train.lora)
-        apply_trainable(model, recipe.train, self.increment)
+        self.partial = PartialUpdates(recipe.train)
+        model = self.partial.prepare(model, self.increment)  # LoRA and trainable patterns
         self.selector = build_selector(recipe.selector, seed=seed)
         self.policy = build_batch_policy(recipe.batch)
         self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
@@ -321,12 +320,10 @@ class Trainer:
         """Keep the increment's starting weights so a resumed LwF run distils from the same teacher."""
         import shutil
 
-        from olm_cli.partial import model_for_save
-
         final = self.run_dir / "increment-start"
         tmp = self.run_dir / ".increment-start.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model_for_save(model).save_pretrained(tmp, safe_serialization=True)
+        self.partial.for_save(model).save_pretrained(tmp, safe_serialization=True)
         (tmp / "increment.json").write_text(json.dumps({"increment": self.increment}))
         apply_umask(tmp)  # safetensors writes 0600; a serving user must be able to read the run directory
         shutil.rmtree(final, ignore_errors=True)
@@ -764,13 +761,11 @@ class Trainer:
         }
 
     def _write_checkpoint(self, directory: Path) -> None:
-        from olm_cli.partial import model_for_save
-
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.full_state_dict is not None:
             unwrapped.save_pretrained(directory, state_dict=self.full_state_dict, safe_serialization=True)
         else:
-            model_for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
+            self.partial.for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
         save_tokenizer(self.tokenizer, directory)  # after the model: it reads config.json for the length
         with open(directory / "optimizer.pt", "wb") as handle:  # a plain OSError on a full disk
             torch.save(self.optimizer.state_dict(), handle)
@@ -779,6 +774,7 @@ class Trainer:
             "selector": self.selector.state_dict(),
             "batch": self.policy.state_dict(),
             "distiller": self.distiller.state_dict() if self.distiller is not None else {},
+            "partial": self.partial.state_dict(),
         })
         if self.replay is not None:
             self.replay.save(directory / "replay")
@@ -805,6 +801,7 @@ class Trainer:
             self.policy.load_state_dict(parts.get("batch", {}))
             if self.distiller is not None and parts.get("distiller"):
                 self.distiller.load_state_dict(parts["distiller"])
+            self.partial.load_state_dict(parts.get("partial", {}))
         with loading_checkpoint(checkpoint, "the replay buffer", keep=(OlmError,)):
             if self.replay is not None and (checkpoint / "replay").exists():
                 self.replay.load(checkpoint / "replay")

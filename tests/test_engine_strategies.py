@@ -84,3 +84,25 @@ def test_lora_checkpoints_are_merged_plain_models(tmp_path: Path) -> None:
     assert not any("lora" in name for name in names)
     model = AutoModelForCausalLM.from_pretrained(latest)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_a_lora_increment_stopped_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
+    """The checkpoint holds merged weights; the partial-updates part keeps the adapters and the
+    base weights under them, so a resumed LoRA increment continues exactly where it stopped."""
+    lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    reference = recipe_from_dict(tiny_recipe(tmp_path / "reference", train=lora, run={"max_steps": 4}))
+    add_shard(tmp_path / "reference" / "stream", "alpha", 0)
+    assert run_increment(reference).status == "increment_complete"
+
+    # A budget shorter than start-up: the first run trains one step and checkpoints it.
+    stopped = tiny_recipe(tmp_path / "trial", train=lora, run={"max_steps": 4, "time_budget": 0.001})
+    add_shard(tmp_path / "trial" / "stream", "alpha", 0)
+    assert run_increment(recipe_from_dict(stopped)).status == "time_budget"
+    stopped["run"]["time_budget"] = 600
+    assert run_increment(recipe_from_dict(stopped)).status == "increment_complete"
+
+    expected = _weights(tmp_path / "reference" / "run")
+    resumed = _weights(tmp_path / "trial" / "run")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name

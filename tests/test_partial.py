@@ -11,10 +11,18 @@ import transformers
 from conftest import tiny_llama
 from peft import PeftModel
 
-from olm_cli.distill import LoraConfig, TrainConfig
 from olm_cli.errors import RecipeError
-from olm_cli.partial import apply_trainable, is_full_update, model_for_save, wrap_lora
+from olm_cli.partial import (
+    LoraConfig,
+    PartialUpdates,
+    TrainConfig,
+    apply_trainable,
+    is_full_update,
+    model_for_save,
+    wrap_lora,
+)
 from olm_cli.samples import collate
+from olm_cli.state_files import load_tree, save_tree
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -137,3 +145,74 @@ def test_model_for_save_without_lora_is_identity() -> None:
 def test_bad_lora_target_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="nonexistent_proj"):
         wrap_lora(tiny_llama(), LoraConfig(target_modules=["nonexistent_proj"]))
+
+
+LORA = TrainConfig(trainable=["lm_head.*"], lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    b = batch()
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def _checkpoint(part: PartialUpdates, model: torch.nn.Module, directory: Path) -> None:
+    """What the engine writes: the merged model and the part's state through save_tree."""
+    part.for_save(model).save_pretrained(directory)
+    save_tree(directory / "parts", {"partial": part.state_dict()})
+
+
+def test_resumed_lora_increment_continues_with_its_adapters_bit_for_bit(tmp_path: Path) -> None:
+    part = PartialUpdates(LORA)
+    model = part.prepare(tiny_llama(), increment=2)
+    train_step(model, lr=0.1)
+    train_step(model, lr=0.1)
+    _checkpoint(part, model, tmp_path)
+
+    resumed_part = PartialUpdates(LORA)
+    resumed = resumed_part.prepare(transformers.AutoModelForCausalLM.from_pretrained(tmp_path), increment=2)
+    resumed_part.load_state_dict(load_tree(tmp_path / "parts")["partial"])
+    trained = dict(model.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param, trained[name]), name  # adapters and un-merged base weights alike
+    assert resumed_part.trainable == part.trainable
+    torch.testing.assert_close(_logits(resumed), _logits(model), rtol=0, atol=0)
+
+
+def test_a_new_increment_starts_fresh_adapters_on_the_merged_weights(tmp_path: Path) -> None:
+    part = PartialUpdates(LORA)
+    model = part.prepare(tiny_llama(), increment=1)
+    train_step(model, lr=0.1)
+    train_step(model, lr=0.1)
+    _checkpoint(part, model, tmp_path)
+
+    next_part = PartialUpdates(LORA)
+    following = next_part.prepare(transformers.AutoModelForCausalLM.from_pretrained(tmp_path), increment=2)
+    next_part.load_state_dict(load_tree(tmp_path / "parts")["partial"])
+    lora_b = [p for n, p in following.named_parameters() if "lora_B" in n]
+    assert lora_b and all(not p.any() for p in lora_b)  # fresh adapters: B starts at zero
+    torch.testing.assert_close(_logits(following), _logits(model), rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_that_no_longer_fit_are_left_fresh_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    part = PartialUpdates(LORA)
+    model = part.prepare(tiny_llama(), increment=1)
+    train_step(model, lr=0.1)
+    state = part.state_dict()
+
+    narrower = PartialUpdates(TrainConfig(lora=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    other = narrower.prepare(tiny_llama(), increment=1)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    narrower.load_state_dict(state)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    assert "LoRA adapters not restored" in caplog.text
+
+
+def test_without_lora_the_part_keeps_no_state() -> None:
+    part = PartialUpdates(TrainConfig(trainable=["lm_head.*"]))
+    model = part.prepare(tiny_llama(), increment=1)
+    assert part.trainable == ["lm_head.weight"]
+    assert part.state_dict() == {}
+    assert part.for_save(model) is model
+    part.load_state_dict({})  # an older checkpoint without the entry

@@ -1,11 +1,11 @@
 """Forgetting countermeasures: distillation (teacher, LwF, stored logits) and weight-space
-regularisers (EWC, L2). The recipe sections for them and for partial updates live in
+regularisers (EWC, L2). The recipe sections for them live in
 :mod:`olm_cli.distill.config`; partial updates and LoRA themselves are in :mod:`olm_cli.partial`.
 """
 
 from __future__ import annotations
 
-from olm_cli.distill.config import DistillConfig, LoraConfig, RegularizeConfig, TrainConfig
+from olm_cli.distill.config import DistillConfig, RegularizeConfig
 from olm_cli.lazy import lazy_getattr
 
 # Everything else is imported on first use, so that reading a recipe (which only needs the
@@ -41,14 +41,12 @@ __all__ = [
     "Distiller",
     "EwcRegularizer",
     "L2Regularizer",
-    "LoraConfig",
     "LwfDistiller",
     "RegularizeConfig",
     "Regularizer",
     "StoredLogits",
     "StoredLogitsDistiller",
     "TeacherDistiller",
-    "TrainConfig",
     "build_distiller",
     "build_regularizer",
     "collate_stored",

@@ -1,4 +1,4 @@
-"""Recipe sections for the forgetting countermeasures: ``distill``, ``regularize`` and ``train``.
+"""Recipe sections for the forgetting countermeasures: ``distill`` and ``regularize`` (``train`` is in olm_cli/partial).
 
 They live together because they answer one question -- how much may the model move away from
 what it already knows -- and the engine reads them side by side when it builds the loss.
@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from olm_cli.config_base import Section, StrategySection, for_strategies
+from olm_cli.config_base import StrategySection, for_strategies
 
 DISTILLING_METHODS = ("teacher", "lwf", "stored_logits")
 """Methods that add a distillation term (everything but ``none``)."""
@@ -107,40 +107,3 @@ class RegularizeConfig(StrategySection):
         ),
     )
 
-
-class LoraConfig(Section):
-    """Low-rank adapters (peft) as the model-extension option."""
-
-    r: int = Field(default=8, ge=1, description="Rank of the adapter matrices.")
-    alpha: int = Field(default=16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        min_length=1,
-        description="Module names (suffixes) that receive adapters, e.g. q_proj, v_proj.",
-    )
-
-
-class TrainConfig(Section):
-    """Which parameters an increment may change."""
-
-    trainable: list[str] = Field(
-        default_factory=list,
-        description=(
-            "Parameter-name patterns that stay trainable; everything else is frozen. fnmatch "
-            "globs (model.layers.0.*), or regular expressions prefixed with 're:' "
-            "(re:model\\.layers\\.[01]\\..*). Empty means every parameter is trainable."
-        ),
-    )
-    full_update_every: int = Field(
-        default=0,
-        ge=0,
-        description=(
-            "Every N-th increment (N, 2N, ...; increments count from 1) trains every parameter "
-            "despite `trainable`. 0 means never."
-        ),
-    )
-    lora: LoraConfig | None = Field(
-        default=None,
-        description="Train low-rank adapters instead of the full weights; merged into the weights on save.",
-    )

@@ -1,21 +1,20 @@
-"""Partial updates: which parameters an increment may change, and LoRA as the extension option.
+"""Trainable patterns and full-update increments: which parameters an increment may change.
 
 Freezing most of the network is the cheapest forgetting countermeasure (frozen weights cannot
 forget) and also cuts optimiser memory; ``full_update_every`` lets the whole model catch up
-now and then. LoRA goes further: the base weights stay frozen and only low-rank adapters train,
-merged into plain weights when a checkpoint is written.
+now and then.
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import re
 
 import torch
 
-from olm_cli.distill.config import LoraConfig, TrainConfig
 from olm_cli.errors import RecipeError
+from olm_cli.partial.config import TrainConfig
+from olm_cli.partial.lora import is_peft
 
 REGEX_PREFIX = "re:"
 _PEFT_PREFIX = "base_model.model."
@@ -61,7 +60,7 @@ def apply_trainable(model: torch.nn.Module, cfg: TrainConfig, increment: int) ->
     ``Regularizer.begin_increment`` (the anchor covers trainable parameters only).
     """
     named = list(model.named_parameters())
-    lora = _is_peft(model)
+    lora = is_peft(model)
     full = is_full_update(cfg, increment)
     matchers = [(p, _matcher(p)) for p in cfg.trainable]
     hits = {p: 0 for p in cfg.trainable}
@@ -88,46 +87,3 @@ def apply_trainable(model: torch.nn.Module, cfg: TrainConfig, increment: int) ->
             f"train.trainable pattern(s) {missing} match no parameter; names look like: {examples}"
         )
     return trainable
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def wrap_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only the adapters are trainable afterwards."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as exc:
-        raise RecipeError(
-            f"train.lora.target_modules {cfg.target_modules} cannot be wrapped: {exc}"
-        ) from exc
-
-
-def model_for_save(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain transformers model with the adapters merged in, for ``save_pretrained``.
-
-    Merges a deep copy, so the training model keeps its separate adapters (and its optimiser
-    state stays valid); costs one extra model in memory while saving. Without LoRA the model
-    itself is returned.
-    """
-    if not _is_peft(model):
-        return model
-    merged = copy.deepcopy(model).merge_and_unload()
-    for param in merged.parameters():
-        param.requires_grad_(False)
-    return merged
