@@ -67,6 +67,7 @@ def test_selector_stats_unselected_and_replay_mix_are_logged(tmp_path: Path) -> 
     assert "pool_mean_entropy" in rows[-1]
 
 
+@pytest.mark.slow
 def test_matrix_gets_row_zero_and_a_row_per_increment(tmp_path: Path) -> None:
     stream = tmp_path / "stream"
     eval_a = add_shard(tmp_path / "eval", "alpha", 9)

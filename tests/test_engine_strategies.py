@@ -29,6 +29,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_lwf_and_ewc_run_and_persist_their_state(tmp_path: Path) -> None:
     run = _two_increments(tmp_path, distill={"method": "lwf", "alpha": 0.5},
                           regularize={"method": "ewc", "strength": 10.0, "fisher_batches": 2})
