@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from olm_cli.errors import CheckpointLoadError, DataError, OlmError, RecipeError
-from olm_cli.evaluate import MATRIX_FILE, evaluate_domains, render_results
+from olm_cli.evaluation.domains import MATRIX_FILE, evaluate_domains, render_results
 from olm_cli.rundir.checkpoint import (
     MANIFEST_FILENAME,
     CheckpointFallback,

@@ -254,7 +254,7 @@ class Trainer:
                 self._seed_replay()
             if self.latest is None and recipe.eval.sets and recipe.eval.after_increment and self.accelerator.is_main_process:
                 # Row 0 of the continual-learning matrix: the model before any increment.
-                from olm_cli.evaluate import record_increment_eval
+                from olm_cli.evaluation.domains import record_increment_eval
 
                 self._say(f"evaluating the starting model on {len(recipe.eval.sets)} domain(s) (row 0 of the matrix)")
                 record_increment_eval(self.run_dir, recipe, unwrapped, self.tokenizer, increment=0, trained={},
@@ -865,7 +865,7 @@ def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
     when a run died between an increment's checkpoint and its release (see
     :func:`publish_pending_release`), so both paths publish exactly the same way.
     """
-    from olm_cli.evaluate import record_increment_eval
+    from olm_cli.evaluation.domains import record_increment_eval
     from olm_cli.release import publish_release
 
     run_dir = Path(recipe.run.dir)

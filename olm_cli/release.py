@@ -39,7 +39,13 @@ from rich.markup import escape
 
 from olm_cli.errors import CheckpointError
 from olm_cli.recipe import GATE_ANY_DOMAIN, GateConfig, Recipe
-from olm_cli.rundir.atomic import apply_umask, fsync_dir, write_bytes_atomic, write_json_atomic
+from olm_cli.rundir.atomic import (
+    append_line_durable,
+    apply_umask,
+    fsync_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from olm_cli.rundir.checkpoint import (
     MANIFEST_FILENAME,
     MANIFEST_FORMAT,
@@ -428,10 +434,7 @@ class ReleaseStore:
 
     def append_history(self, row: dict[str, Any]) -> None:
         """One fsynced line per publish attempt: the gate's record survives later pruning."""
-        with open(self.root / HISTORY_FILENAME, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line_durable(self.root / HISTORY_FILENAME, json.dumps(row, sort_keys=True, allow_nan=False))
 
 
 # --------------------------------------------------------------------------- publishing

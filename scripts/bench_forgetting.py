@@ -481,7 +481,7 @@ class Bench:
 
     def start_losses(self, seed: int) -> dict[str, float]:
         """Row 0 of every matrix: the randomly initialised model the pre-training starts from."""
-        from olm_cli.evaluate import evaluate_domains
+        from olm_cli.evaluation.domains import evaluate_domains
         from olm_cli.modeling import build_scratch_model
         from olm_cli.recipe import recipe_from_dict
 

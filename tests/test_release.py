@@ -338,8 +338,7 @@ def test_status_shows_release_and_last_gate(tmp_path: Path, model: torch.nn.Modu
 def test_lora_is_merged_into_a_plain_release(tmp_path: Path, model: torch.nn.Module, tokenizer: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    from olm_cli.partial import LoraConfig
-    from olm_cli.partial import wrap_lora
+    from olm_cli.partial import LoraConfig, wrap_lora
 
     wrapped = wrap_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a missing merge

@@ -10,6 +10,15 @@ Files olm writes honour the process umask (``0o666 & ~umask``), like any Unix to
 serving user in the right group can read a checkpoint. Libraries that write through
 ``mkstemp``-style temp files (safetensors, hence ``save_pretrained``) create them 0600
 whatever the umask; :func:`apply_umask` puts such files back to the mode the user chose.
+
+Three shapes of state, one helper each, used by every writer:
+
+* a file replaced whole: :func:`atomic_writer` (and ``write_bytes/text/json_atomic``);
+* a log that only grows (``history.jsonl``): :func:`append_line_durable`;
+* a directory written by libraries (a model cache, a merge result): :func:`publishing_directory`
+  stages it next to its final name and renames it into place. Checkpoints and releases add a
+  manifest, verification and a ``latest`` link on top of the same pieces (:func:`fsync_tree`,
+  :func:`replace_symlink`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +175,94 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON (stable diffs, readable by humans)."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     write_text_atomic(path, text)
+
+
+def append_line_durable(path: Path, line: str) -> None:
+    """Append ``line`` to a JSON-lines log and fsync it before returning.
+
+    Logs that only grow (eval and release history) are appended, not replaced: rewriting them
+    per row would cost their whole size. A crash mid-append leaves at most a torn last line,
+    which readers skip; the next append starts a fresh line, so it never glues itself onto a
+    torn one and gets lost with it. The first append also fsyncs the directory, so the new
+    file's name survives a power cut.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        torn = False
+        if end:
+            handle.seek(end - 1)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + line.rstrip("\n") + "\n").encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    if not end:
+        fsync_dir(path.parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and directory below ``directory``: libraries (``torch.save``,
+    ``save_pretrained``) do not, and a rename only publishes what is already on disk."""
+    for dirpath, _dirnames, filenames in os.walk(directory, topdown=False):
+        for filename in filenames:
+            fsync_file(Path(dirpath) / filename)
+        fsync_dir(Path(dirpath))
+
+
+def replace_symlink(link: Path, target: str | None) -> None:
+    """Point ``link`` at ``target`` (relative, so the run directory can move) in one rename.
+
+    Readers see the old target or the new one, never a missing link. ``None`` removes the link.
+    The caller fsyncs the directory once its whole change is made.
+    """
+    link = Path(link)
+    if target is None:
+        link.unlink(missing_ok=True)
+        return
+    link_tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    link_tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target, link_tmp)
+        os.replace(link_tmp, link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            link_tmp.unlink()
+        raise
+
+
+def staging_name(final: Path) -> Path:
+    """Where :func:`publishing_directory` stages ``final``: a hidden sibling with a fixed name,
+    so whatever a killed writer left there is found and removed by the next one."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+@contextlib.contextmanager
+def publishing_directory(final: Path) -> Iterator[Path]:
+    """Stage a directory next to ``final``; on success it replaces ``final`` complete, or never.
+
+    Yields an empty staging directory to write into. When the block ends without error, the
+    staged tree gets the umask's modes, is fsynced and renamed to ``final`` (an existing
+    ``final`` is removed first: a crash in between leaves no ``final`` rather than a mix), and
+    the parent directory is fsynced. On an error the staging directory is removed and
+    ``final`` is left as it was.
+    """
+    final = Path(final)
+    staged = staging_name(final)
+    shutil.rmtree(staged, ignore_errors=True)  # a killed writer's leftover
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged.mkdir()
+    try:
+        yield staged
+        apply_umask(staged)  # safetensors writes 0600; a serving user must be able to read it
+        fsync_tree(staged)
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif os.path.lexists(final):
+            final.unlink()
+        os.replace(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)

@@ -101,20 +101,20 @@ def test_a_failed_gate_keeps_the_previous_release_and_exits_3(tmp_path: Path) ->
 
 
 def test_a_domain_that_evaluates_to_nan_is_trained_but_never_served(tmp_path: Path, monkeypatch) -> None:
-    import olm_cli.evaluate
+    import olm_cli.evaluation.domains
 
     recipe = _recipe(tmp_path)
     run_dir = tmp_path / "run"
     assert cli("train", "--config", recipe).code == 0
     add_shard(tmp_path / "stream", "beta", 0, docs=8)
-    measure = olm_cli.evaluate.evaluate_domains
+    measure = olm_cli.evaluation.domains.evaluate_domains
 
     def overflowing(*args, **kwargs):
         results = measure(*args, **kwargs)
         results["alpha"]["loss"] = float("nan")
         return results
 
-    monkeypatch.setattr(olm_cli.evaluate, "evaluate_domains", overflowing)
+    monkeypatch.setattr(olm_cli.evaluation.domains, "evaluate_domains", overflowing)
     result = cli("train", "--config", recipe)
 
     assert result.code == EXIT_NOT_RELEASED, result.text

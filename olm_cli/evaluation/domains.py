@@ -1,4 +1,4 @@
-"""``olm eval``: per-domain held-out loss and perplexity, and the continual-learning matrix.
+"""Per-domain held-out loss and perplexity, the eval history, and a row of the matrix per increment.
 
 Loss is token-weighted (total next-token NLL over all evaluated tokens of a domain divided by
 their count), so domains and shards of different lengths compare fairly.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import torch
 
 from olm_cli.data import read_blocks
 from olm_cli.errors import OlmError
+from olm_cli.evaluation.matrix import ContinualMatrix
+from olm_cli.rundir.atomic import append_line_durable
 from olm_cli.samples import Block, collate
 
 MATRIX_FILE = Path("eval") / "matrix.json"
@@ -88,15 +89,6 @@ def exact_prefix(blocks: list[Block], max_tokens: int) -> list[Block]:
     return kept
 
 
-def _append_history(run_dir: Path, row: dict[str, Any]) -> None:
-    path = run_dir / HISTORY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def record_increment_eval(
     run_dir: Path,
     recipe: Any,
@@ -109,14 +101,12 @@ def record_increment_eval(
     console: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate every domain and add row ``increment`` to the continual-learning matrix."""
-    from olm_cli.evaluation.matrix import ContinualMatrix
-
     results = evaluate_domains(model, tokenizer, recipe.eval.sets, block_size=recipe.data.block_size,
                                max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size,
                                text_field=recipe.data.text_field)
     trained_domain = max(trained, key=lambda d: trained[d]) if trained else None
-    _append_history(run_dir, {"increment": increment, "step": step, "trained": trained_domain,
-                              "time": time.time(), "domains": results})
+    append_line_durable(run_dir / HISTORY_FILE, json.dumps({"increment": increment, "step": step, "trained": trained_domain,
+                                                            "time": time.time(), "domains": results}))
     matrix_path = run_dir / MATRIX_FILE
     matrix = ContinualMatrix.from_json(matrix_path) if matrix_path.exists() else ContinualMatrix()
     label = "start" if increment == 0 else f"inc {increment}"
