@@ -160,7 +160,7 @@ def _report(reader: SnapshotReader, show: int, tokenizer: Decoder | None) -> dic
     tokens = int(columns["length"].sum()) if size else 0
     capacity = int(manifest["capacity"])
     used = size if manifest["capacity_unit"] == "samples" else tokens
-    order = np.argsort(-columns["replayed"], kind="stable")[:_MOST_REPLAYED] if size else []
+    most_replayed: list[int] = np.argsort(-columns["replayed"], kind="stable")[:_MOST_REPLAYED].tolist()
     previews = []
     if show > 0 and size:
         by_age = np.argsort(columns["id"], kind="stable")
@@ -189,7 +189,7 @@ def _report(reader: SnapshotReader, show: int, tokenizer: Decoder | None) -> dic
         "by_shard": _composition(columns["shard"], columns["length"], size, tokens),
         "age_histogram": _histogram(columns["step"].astype(np.float64)),
         "score_histogram": _histogram(columns["score"].astype(np.float64)),
-        "most_replayed": [_record(columns, row) for row in list(order)],
+        "most_replayed": [_record(columns, row) for row in most_replayed],
         "previews": previews,
     }
 
