@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from olm_cli.errors import CheckpointError
+from olm_cli.rundir.atomic import publishing_directory
 from olm_cli.rundir.checkpoint import MANIFEST_FILENAME, loading_checkpoint, verify_checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
@@ -119,8 +118,8 @@ def merge_checkpoints(
     have exactly the same tensor names and shapes; the first difference is reported naming
     the checkpoint and the tensor. Non-floating tensors (integer buffers) are copied from the
     first checkpoint and must be equal everywhere. ``out`` must not exist or be empty; the
-    result is written to a temporary sibling and renamed into place, so a failed merge
-    leaves nothing behind.
+    result is written to a temporary sibling and renamed into place (fsynced, with the umask's
+    modes), so a failed merge leaves nothing behind.
     """
     if not checkpoints:
         raise CheckpointError("merge needs at least one checkpoint")
@@ -175,20 +174,13 @@ def merge_checkpoints(
         metadata = dict(first.metadata)
     metadata.setdefault("format", "pt")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(merged, str(tmp / WEIGHTS_NAME), metadata=metadata)
+    with publishing_directory(out) as staged:
+        save_file(merged, str(staged / WEIGHTS_NAME), metadata=metadata)
         for side in SIDE_FILES:
             src = paths[0] / side
             if src.is_file():
-                shutil.copy2(src, tmp / side)
-        with open(tmp / "merge.json", "w", encoding="utf-8") as fh:
-            json.dump({"checkpoints": [str(p) for p in paths], "weights": ws}, fh, indent=2)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copy2(src, staged / side)
+        (staged / "merge.json").write_text(
+            json.dumps({"checkpoints": [str(p) for p in paths], "weights": ws}, indent=2), encoding="utf-8"
+        )
     return out

@@ -19,7 +19,13 @@ import torch
 
 from olm_cli.errors import DataError, RecipeError
 from olm_cli.recipe import ModelConfig
-from olm_cli.rundir.atomic import apply_umask, fsync_dir, fsync_file, write_json_atomic
+from olm_cli.rundir.atomic import (
+    apply_umask,
+    fsync_dir,
+    fsync_file,
+    publishing_directory,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -312,16 +318,11 @@ def _cached_gguf(cfg: ModelConfig, cache_dir: Path) -> tuple[torch.nn.Module, An
 
 def _store_gguf_cache(cfg: ModelConfig, cache_dir: Path, model: torch.nn.Module, tokenizer: Any) -> None:
     """Write the cache to a temporary directory and rename it, so a crash never leaves half of one."""
-    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-        (tmp / _GGUF_SOURCE).write_text(json.dumps(_gguf_identity(cfg)), encoding="utf-8")
-        apply_umask(tmp)
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        os.replace(tmp, cache_dir)
+        with publishing_directory(cache_dir) as staged:
+            model.save_pretrained(staged, safe_serialization=True)
+            save_tokenizer(tokenizer, staged)
+            (staged / _GGUF_SOURCE).write_text(json.dumps(_gguf_identity(cfg)), encoding="utf-8")
     except OSError as exc:  # a cache is an optimisation: a full disk here must not stop training
-        shutil.rmtree(tmp, ignore_errors=True)
         logger.warning("could not keep the de-quantised GGUF in %s (%s); it will be converted again next time",
                        cache_dir, exc)

@@ -43,18 +43,19 @@ from olm_cli.rundir.atomic import (
     append_line_durable,
     apply_umask,
     fsync_dir,
+    fsync_tree,
+    replace_symlink,
     write_bytes_atomic,
     write_json_atomic,
 )
 from olm_cli.rundir.checkpoint import (
     MANIFEST_FILENAME,
     MANIFEST_FORMAT,
-    _describe_files,
-    _fsync_tree,
-    _is_no_space,
-    _write_failure,
+    describe_files,
     format_bytes,
+    is_no_space,
     verify_checkpoint,
+    write_failure,
 )
 from olm_cli.rundir.ledger import now_iso
 
@@ -69,7 +70,7 @@ MODEL_CARD = "README.md"
 _NAME_RE = re.compile(r"^release-(\d{4,})$")
 _TMP_PREFIX = ".tmp-release-"
 _TRASH_PREFIX = ".trash-release-"
-_LINK_TMP_PREFIX = ".latest.tmp-"
+_LINK_TMP_PREFIX = f".{LATEST_LINK}.tmp-"  # replace_symlink's temporary link
 _NAMED_TENSORS = 5  # non-finite tensors named in a reason; the gate details list them all
 
 log = logging.getLogger(__name__)
@@ -392,19 +393,7 @@ class ReleaseStore:
 
     def _set_latest(self, name: str | None) -> None:
         """Swap ``latest`` to ``name`` (or remove it) in one rename so readers never see half a change."""
-        link = self.root / LATEST_LINK
-        if name is None:
-            link.unlink(missing_ok=True)
-            return
-        link_tmp = self.root / f"{_LINK_TMP_PREFIX}{os.getpid()}"
-        link_tmp.unlink(missing_ok=True)
-        try:
-            os.symlink(name, link_tmp)  # relative: the run directory can be moved
-            os.replace(link_tmp, link)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                link_tmp.unlink()
-            raise
+        replace_symlink(self.root / LATEST_LINK, name)
 
     def prune(self) -> list[Path]:
         """Keep the newest ``keep`` releases that verify (released or rejected) and ``latest``'s target.
@@ -501,10 +490,10 @@ def publish_release(
         path = store.publish(staged, name, move_latest=verdict.passed, fallback=baseline.name if baseline else None)
     except BaseException as exc:
         shutil.rmtree(staged, ignore_errors=True)
-        failure = _write_failure(exc)
+        failure = write_failure(exc)
         if failure is None:
             raise  # a bug or Ctrl-C: not a write failure to explain
-        if _is_no_space(exc):
+        if is_no_space(exc):
             with contextlib.suppress(OSError):
                 failure += f" ({format_bytes(shutil.disk_usage(store.root).free)} free on {store.root})"
         raise CheckpointError(f"could not write release {name}: {failure}") from exc
@@ -577,10 +566,10 @@ def _write_release_files(
         "step": info["step"],
         "created": info["created"],
         "metadata": {"release": info["release"], "increment": info["increment"], "released": info["released"]},
-        "files": _describe_files(directory),
+        "files": describe_files(directory),
     }
     write_json_atomic(directory / MANIFEST_FILENAME, manifest)
-    _fsync_tree(directory)
+    fsync_tree(directory)
 
 
 def _set_config_dtype(config_path: Path, dtype: str) -> None:

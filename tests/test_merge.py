@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,17 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(a).state_dict()
     for k in tb:
         torch.testing.assert_close(merged[k], 0.5 * ref[k] + 0.5 * tb[k])
+
+
+def test_merge_output_follows_the_umask_and_leaves_no_staging(tmp_path: Path) -> None:
+    """The result used to keep mkdtemp's 0700 directory and safetensors' 0600 file, so a
+    serving user in the group could not read a merged model."""
+    a, b = checkpoint(tmp_path / "a", 0), checkpoint(tmp_path / "b", 1)
+    old = os.umask(0o027)
+    try:
+        out = merge_checkpoints([a, b], None, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]

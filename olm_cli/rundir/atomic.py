@@ -214,7 +214,8 @@ def replace_symlink(link: Path, target: str | None) -> None:
     """Point ``link`` at ``target`` (relative, so the run directory can move) in one rename.
 
     Readers see the old target or the new one, never a missing link. ``None`` removes the link.
-    The caller fsyncs the directory once its whole change is made.
+    The caller fsyncs the directory once its whole change is made, and removes what a killed
+    process left: the temporary link is ``.NAME.tmp-PID`` next to ``link``.
     """
     link = Path(link)
     if target is None:

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.errors import CheckpointError, CheckpointLoadError
-from olm_cli.rundir.atomic import apply_umask, fsync_dir, fsync_file, write_json_atomic
+from olm_cli.rundir.atomic import (
+    apply_umask,
+    fsync_dir,
+    fsync_tree,
+    replace_symlink,
+    write_json_atomic,
+)
 from olm_cli.rundir.ledger import now_iso, sha256_file
 
 MANIFEST_FILENAME = "MANIFEST.json"
@@ -39,7 +45,7 @@ LATEST_LINK = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-step-"
 _TRASH_PREFIX = ".trash-step-"
-_LINK_TMP_PREFIX = ".latest.tmp-"
+_LINK_TMP_PREFIX = f".{LATEST_LINK}.tmp-"  # replace_symlink's temporary link
 # How torch.save reports a failed write (it raises neither OSError nor an errno).
 _TORCH_WRITE_MARKERS = ("inline_container", "unexpected pos", "PytorchStreamWriter")
 
@@ -278,10 +284,10 @@ class CheckpointManager:
                 "step": step,
                 "created": now_iso(),
                 "metadata": dict(metadata or {}),
-                "files": _describe_files(tmp),
+                "files": describe_files(tmp),
             }
             write_json_atomic(tmp / MANIFEST_FILENAME, manifest)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 # Same step saved again (e.g. a resume from an older fallback reached it):
                 # keep the old one aside until the new one is published.
@@ -306,10 +312,10 @@ class CheckpointManager:
                     shutil.rmtree(final, ignore_errors=True)
                 if trashed:
                     os.rename(trash, final)
-            failure = _write_failure(exc)
+            failure = write_failure(exc)
             if failure is None:
                 raise
-            if _is_no_space(exc):
+            if is_no_space(exc):
                 failure = f"No space left on device ({self._space_note(previous, written)})"
             raise CheckpointError(f"could not write checkpoint {name}: {failure}") from exc
         if trashed:
@@ -340,23 +346,11 @@ class CheckpointManager:
         return needs if free is None else f"{needs}, {format_bytes(free)} free on {self.root}"
 
     def _restore_latest(self, previous: Path | None) -> None:
-        if previous is None:
-            (self.root / LATEST_LINK).unlink(missing_ok=True)
-        else:
-            self._replace_latest(previous.name)
+        replace_symlink(self.root / LATEST_LINK, previous.name if previous is not None else None)
 
     def _replace_latest(self, name: str) -> None:
         """Swap ``latest`` to ``name`` in one rename so readers never see it missing."""
-        link_tmp = self.root / f"{_LINK_TMP_PREFIX}{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            link_tmp.unlink()
-        try:
-            os.symlink(name, link_tmp)  # relative: the run directory can be moved
-            os.replace(link_tmp, self.root / LATEST_LINK)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                link_tmp.unlink()
-            raise
+        replace_symlink(self.root / LATEST_LINK, name)
 
     def prune(self) -> list[Path]:
         """Delete all but the newest ``keep`` complete checkpoints, never ``latest``'s target.
@@ -513,8 +507,8 @@ class CheckpointManager:
         return path
 
 
-def _write_failure(exc: BaseException) -> str | None:
-    """One line describing a failed checkpoint write, or None if ``exc`` is not one (a bug, Ctrl-C).
+def write_failure(exc: BaseException) -> str | None:
+    """One line describing a failed checkpoint or release write, or None if ``exc`` is not one (a bug, Ctrl-C).
 
     Measured on a full tmpfs: ``torch.save(obj, path)`` raises ``RuntimeError("[enforce fail
     at inline_container.cc:...] . unexpected pos N vs M")`` and ``save_pretrained``
@@ -530,7 +524,7 @@ def _write_failure(exc: BaseException) -> str | None:
     return None
 
 
-def _is_no_space(exc: BaseException) -> bool:
+def is_no_space(exc: BaseException) -> bool:
     """A full disk, however the writer put it (torch's short write shows as ``unexpected pos``)."""
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
@@ -566,7 +560,8 @@ def _checkpoint_bytes(path: Path) -> int:
         return _tree_bytes(path)
 
 
-def _describe_files(directory: Path) -> list[dict[str, Any]]:
+def describe_files(directory: Path) -> list[dict[str, Any]]:
+    """The manifest's ``files``: every file below ``directory`` (but the manifest) with size and sha256."""
     files = []
     for dirpath, _dirnames, filenames in os.walk(directory):
         for filename in filenames:
@@ -576,11 +571,3 @@ def _describe_files(directory: Path) -> list[dict[str, Any]]:
                 continue
             files.append({"path": rel, "size": full.stat().st_size, "sha256": sha256_file(full)})
     return sorted(files, key=lambda f: f["path"])
-
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file and directory: ``torch.save`` and friends do not fsync for us."""
-    for dirpath, _dirnames, filenames in os.walk(directory, topdown=False):
-        for filename in filenames:
-            fsync_file(Path(dirpath) / filename)
-        fsync_dir(Path(dirpath))
