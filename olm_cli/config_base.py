@@ -5,6 +5,11 @@ strategy with a discriminator key (``selector.name``, ``batch.policy``, ...) and
 every strategy side by side, so ``cfg.num_clusters`` is always readable. A knob of a strategy that
 is not selected would be silently ignored, so giving one is an error that names the strategies it
 belongs to: ``selector.num_clusters: applies to selector 'coverage', not 'random'``.
+
+The valid strategy names come from the family's registry (``strategy_registry``, see
+:mod:`olm_cli.strategy`), so a strategy registered from outside olm is accepted by a recipe.
+It has no strategy-specific keys of its own: a key declared with :func:`for_strategies` names
+built-in strategies only, and giving one with a plugin strategy selected is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from olm_cli.strategy import Registry
 
 STRATEGIES_KEY = "strategies"
 """Key of ``json_schema_extra`` listing the strategies a field applies to (absent: every one)."""
@@ -65,7 +72,7 @@ class Section(BaseModel):
 
 
 class StrategySection(Section):
-    """A section whose ``strategy_key`` field selects one strategy out of a ``Literal``.
+    """A section whose ``strategy_key`` field selects one strategy of ``strategy_registry``.
 
     Fields declared with :func:`for_strategies` are accepted only when the selected strategy is
     among those named. Only the keys present in the input mapping are checked (defaults of
@@ -73,6 +80,10 @@ class StrategySection(Section):
     validates again.
     """
 
+    strategy_registry: ClassVar[Registry[Any] | None] = None
+    """The family's registry, whose names are the valid values of the discriminator (the
+    discriminator field validates with ``registry.check``). None: a section whose discriminator
+    is still a ``Literal``, whose arguments are then the names."""
     strategy_key: ClassVar[str]
     """Name of the discriminator field (``name``, ``policy``, ``method``)."""
     strategy_kind: ClassVar[tuple[str, str]]
@@ -80,8 +91,18 @@ class StrategySection(Section):
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        """Refuse a declaration naming a strategy the discriminator does not offer (a typo)."""
+        """Refuse a declaration naming a strategy the discriminator does not offer (a typo).
+
+        Checked against the registry as it is when the section is defined, i.e. the built-in
+        strategies: a plugin registered later cannot be named by olm's own declarations.
+        """
         super().__pydantic_init_subclass__(**kwargs)
+        registry = cls.strategy_registry
+        if registry is not None and registry.key != cls.strategy_key:
+            raise TypeError(
+                f"{cls.__name__}.strategy_key is {cls.strategy_key!r} but its registry "
+                f"selects by {registry.family}.{registry.key}"
+            )
         known = set(cls.strategy_names())
         for name, field in cls.model_fields.items():
             unknown = sorted(set(field_strategies(field) or ()) - known)
@@ -93,7 +114,9 @@ class StrategySection(Section):
 
     @classmethod
     def strategy_names(cls) -> tuple[str, ...]:
-        """Every value of the discriminator ``Literal``, in declaration order."""
+        """Every valid strategy name, in registration (or ``Literal``) order, plugins included."""
+        if cls.strategy_registry is not None:
+            return tuple(cls.strategy_registry.names())
         return tuple(typing.get_args(cls.model_fields[cls.strategy_key].annotation))
 
     @classmethod

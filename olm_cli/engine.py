@@ -149,12 +149,13 @@ class Trainer:
         """Load model, tokenizer, strategies, optimiser and data position (in that order)."""
         from accelerate import Accelerator
 
-        from olm_cli.batching import build_batch_policy
+        from olm_cli.batching import BATCH_POLICIES
         from olm_cli.distill import build_distiller, build_regularizer
         from olm_cli.modeling import load_pretrained, load_source, load_tokenizer
         from olm_cli.partial import PartialUpdates
-        from olm_cli.replay import build_replay_buffer
-        from olm_cli.selectors import build_selector
+        from olm_cli.replay import REPLAY_BUFFERS
+        from olm_cli.selectors import SELECTORS
+        from olm_cli.strategy import StrategyContext
 
         transformers.utils.logging.disable_progress_bar()
         recipe = self.recipe
@@ -184,9 +185,12 @@ class Trainer:
         self.increment = int(self.state["increment"]) if self.resuming else self.ledger.start_increment()
         self.partial = PartialUpdates(recipe.train)
         model = self.partial.prepare(model, self.increment)  # LoRA and trainable patterns
-        self.selector = build_selector(recipe.selector, seed=seed)
-        self.policy = build_batch_policy(recipe.batch)
-        self.replay = build_replay_buffer(recipe.replay, self.run_dir / "replay" / f"rank{self.accelerator.process_index}", seed=seed)
+        context = StrategyContext(seed=seed, run_dir=self.run_dir, rank=self.accelerator.process_index,
+                                  world_size=self.accelerator.num_processes, is_main=self.accelerator.is_main_process,
+                                  recipe=recipe)
+        self.selector = SELECTORS.build(recipe.selector, context)
+        self.policy = BATCH_POLICIES.build(recipe.batch, context)
+        self.replay = REPLAY_BUFFERS.build(recipe.replay, context)  # NoReplay for policy none
         self.distiller = build_distiller(recipe.distill, load_teacher=self._load_teacher)
         # LwF distils towards the model as the increment began; in the first increment of a
         # from-scratch run that is a random initialisation, which there is no point preserving.
@@ -250,7 +254,7 @@ class Trainer:
                     self._save_increment_start(unwrapped)
             if self.regularizer is not None:
                 self.regularizer.begin_increment(unwrapped)
-            if self.replay is not None and recipe.replay.seed_from and self.latest is None:
+            if recipe.replay.seed_from and self.latest is None:
                 self._seed_replay()
             if self.latest is None and recipe.eval.sets and recipe.eval.after_increment and self.accelerator.is_main_process:
                 # Row 0 of the continual-learning matrix: the model before any increment.
@@ -287,7 +291,7 @@ class Trainer:
         is planned on the steps that will really run instead of ending early at a high rate.
         """
         run, batch = self.recipe.run, self.recipe.batch
-        new_share = 1.0 - (self.recipe.replay.ratio if self.replay is not None else 0.0)
+        new_share = 1.0 - self.recipe.replay.ratio  # 0 with replay.policy none
         per_step = batch.size * new_share * self.selector.pool_factor  # new blocks consumed per step
         budget: int | None = None
         if run.max_steps is not None:
@@ -350,7 +354,6 @@ class Trainer:
     def _seed_replay(self) -> None:
         from olm_cli.replay import seed_buffer
 
-        assert self.replay is not None
         cap = self.recipe.replay.seed_samples
         paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
         self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
@@ -366,7 +369,6 @@ class Trainer:
 
     @torch.no_grad()
     def _seed_with_logits(self, blocks: list[Block], k: int) -> None:
-        assert self.replay is not None
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -471,12 +473,11 @@ class Trainer:
         step_tokens = sum(len(b) for b in new_blocks) + sum(len(r.tokens) for r in replayed)
         self.tokens += step_tokens
         self.total_tokens += step_tokens
-        if self.replay is not None:
-            n = len(new_blocks)
-            scores = selection.scores[selection.indices] if selection.scores is not None else per_sample[:n]
-            self.replay.add(new_blocks, self.global_step, scores=[float(s) for s in scores], logits=new_logits)
-            if replayed:
-                self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[n:]])
+        n = len(new_blocks)
+        scores = selection.scores[selection.indices] if selection.scores is not None else per_sample[:n]
+        self.replay.add(new_blocks, self.global_step, scores=[float(s) for s in scores], logits=new_logits)
+        if replayed:
+            self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[n:]])
         for block in new_blocks:
             self.domain_tokens[block.domain] += len(block)
             if block.shard in self.ledger:
@@ -532,7 +533,7 @@ class Trainer:
         return self.stream.exhausted
 
     def _replay_share(self, samples: int) -> int:
-        if self.replay is None or len(self.replay) == 0 or self.recipe.replay.ratio <= 0:
+        if len(self.replay) == 0 or self.recipe.replay.ratio <= 0:
             return 0
         # Stochastic rounding keeps the long-run replay fraction equal to the ratio even when
         # ratio * batch is below one (1% of 16 samples replays one sample every ~6 steps).
@@ -561,7 +562,7 @@ class Trainer:
         # the gradient of its slice and DDP averages them.
         mine = list(range(rank, len(samples), world)) or [0]
         norm = float(sum(weights[i] for i in mine))
-        keep_topk = self.replay is not None and self.recipe.replay.store_logits_topk > 0
+        keep_topk = self.recipe.replay.store_logits_topk > 0  # 0 with replay.policy none
         while True:
             try:
                 total, per_sample = 0.0, np.zeros(len(samples))
@@ -685,8 +686,7 @@ class Trainer:
                 released, message = result.released, result.message
         released, message = _from_main_process(self.accelerator, (released, message))
         self.accelerator.end_training()
-        if self.replay is not None:
-            self.replay.close()
+        self.replay.close()
         if not released:
             return TrainOutcome("not_released", EXIT_NOT_RELEASED, self.increment, self.step, self.tokens, str(path),
                                 message)
@@ -697,7 +697,7 @@ class Trainer:
         n = self.recipe.regularize.fisher_batches
         size = self.recipe.batch.micro_batch
         tokens: list[np.ndarray] = []
-        if self.replay is not None and len(self.replay):
+        if len(self.replay):
             state = np.random.get_state()
             tokens = [item.tokens for item in self.replay.sample(min(len(self.replay), n * size))]
             np.random.set_state(state)
@@ -776,8 +776,7 @@ class Trainer:
             "distiller": self.distiller.state_dict() if self.distiller is not None else {},
             "partial": self.partial.state_dict(),
         })
-        if self.replay is not None:
-            self.replay.save(directory / "replay")
+        self.replay.save(directory / "replay")  # NoReplay writes nothing
         if self.regularizer is not None:
             self.regularizer.save(directory / "regularizer")
         (directory / TRAINER_STATE).write_text(json.dumps(self.state_to_save, indent=1))
@@ -803,7 +802,7 @@ class Trainer:
                 self.distiller.load_state_dict(parts["distiller"])
             self.partial.load_state_dict(parts.get("partial", {}))
         with loading_checkpoint(checkpoint, "the replay buffer", keep=(OlmError,)):
-            if self.replay is not None and (checkpoint / "replay").exists():
+            if (checkpoint / "replay").exists():
                 self.replay.load(checkpoint / "replay")
         with loading_checkpoint(checkpoint, "the regularizer state", keep=(OlmError,)):
             if self.regularizer is not None and (checkpoint / "regularizer").exists():

@@ -56,7 +56,8 @@ def peak_rss_mb() -> float:
 
 
 def one(policy: str, size: int, block_len: int) -> dict[str, float]:
-    from olm_cli.replay import ReplayConfig, build_replay_buffer
+    from olm_cli.replay import REPLAY_BUFFERS, DiskReplayBuffer, ReplayConfig
+    from olm_cli.strategy import StrategyContext
 
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 50_000, size=(BATCH, block_len), dtype=np.int32)
@@ -64,8 +65,8 @@ def one(policy: str, size: int, block_len: int) -> dict[str, float]:
     baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="olm-bench-replay-") as tmp:
         cfg = ReplayConfig(policy=policy, capacity=size)
-        buffer = build_replay_buffer(cfg, Path(tmp) / "replay", seed=0)
-        assert buffer is not None
+        buffer = REPLAY_BUFFERS.build(cfg, StrategyContext(seed=0, run_dir=Path(tmp) / "run"))
+        assert isinstance(buffer, DiskReplayBuffer)
 
         def batches(count: int, offset: int):
             for start in range(0, count, BATCH):
@@ -102,8 +103,7 @@ def one(policy: str, size: int, block_len: int) -> dict[str, float]:
         size_before = len(buffer)
         buffer.close()
         del buffer
-        restored = build_replay_buffer(cfg, Path(tmp) / "replay2", seed=1)
-        assert restored is not None
+        restored = REPLAY_BUFFERS.build(cfg, StrategyContext(seed=1, run_dir=Path(tmp) / "run2"))
         t0 = time.perf_counter()
         restored.load(Path(tmp) / "ckpt" / "replay")
         load_s = time.perf_counter() - t0

@@ -41,7 +41,9 @@ The strategy sections (`selector`, `batch`, `replay`, `distill`, `regularize`) c
 strategy by `name`, `policy` or `method`; their *applies to* column says which strategies a key
 belongs to. A key given for a strategy that is not selected is an error naming its strategies
 (`selector.num_clusters: applies to selector 'coverage', not 'random'`), never silently ignored.
-The resolved recipe lists only the keys that apply.
+The resolved recipe lists only the keys that apply. The names a strategy key accepts are those
+of its family's registry (`olm_cli/strategy.py`): a strategy registered from outside olm is
+accepted too, and takes only the keys whose *applies to* is `all`.
 """
 
 
@@ -93,7 +95,11 @@ def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
     nested: list[tuple[str, type[BaseModel]]] = []
     for key, field in model.model_fields.items():
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        cells = [f"`{key}`", _type_name(field.annotation), _default(field)]
+        type_cell = _type_name(field.annotation)
+        if strategy_section and key == model.strategy_key:
+            # A plain str checked against the family's registry: list what it accepts.
+            type_cell = " \\| ".join(f"`{choice}`" for choice in model.strategy_names())
+        cells = [f"`{key}`", type_cell, _default(field)]
         if strategy_section:
             cells.append(_applies_to(model, key))
         lines.append(f"| {' | '.join([*cells, description])} |")

@@ -16,9 +16,9 @@ from olm_cli.batching import (
     BatchPolicy,
     MemorySnapshot,
     StepStats,
-    build_batch_policy,
 )
 from olm_cli.errors import CheckpointError
+from olm_cli.strategy import StrategyContext
 
 
 class FakeClock:
@@ -41,19 +41,19 @@ def stats(loss: float = 1.0, grad_norm: float = 1.0, samples: int = 8, **kw: Any
 
 
 def test_fixed_plan_and_accumulation() -> None:
-    policy = build_batch_policy(BatchConfig(size=10, micro_batch=4))
+    policy = BATCH_POLICIES.build(BatchConfig(size=10, micro_batch=4))
     assert policy.plan() == BatchPlan(samples=10, micro_batch=4)
     assert policy.plan().accumulation == 3
     policy.observe(stats(loss=9.0))
     assert policy.plan() == BatchPlan(10, 4)
-    assert build_batch_policy(BatchConfig(size=2, micro_batch=8)).plan() == BatchPlan(2, 2)
+    assert BATCH_POLICIES.build(BatchConfig(size=2, micro_batch=8)).plan() == BatchPlan(2, 2)
 
 
 @pytest.mark.parametrize("name", sorted(BATCH_POLICIES))
 def test_oom_halves_micro_batch_keeps_samples_and_gives_up_at_one(name: str) -> None:
     periodic = {"period_samples": 12} if name == "periodic" else {}
     cfg = BatchConfig(policy=name, size=12, micro_batch=12, **periodic)
-    policy = build_batch_policy(cfg, clock=FakeClock())
+    policy = BATCH_POLICIES.build(cfg, StrategyContext(clock=FakeClock()))
     samples = policy.plan().samples
     seen = [policy.plan().micro_batch]
     while policy.on_oom():
@@ -65,8 +65,9 @@ def test_oom_halves_micro_batch_keeps_samples_and_gives_up_at_one(name: str) -> 
 
 
 def test_resource_starts_at_whole_batch_on_cpu() -> None:
-    policy = build_batch_policy(
-        BatchConfig(policy="resource", size=16, micro_batch=2), memory_probe=lambda: None
+    policy = BATCH_POLICIES.build(
+        BatchConfig(policy="resource", size=16, micro_batch=2),
+        StrategyContext(memory_probe=lambda: None),
     )
     assert policy.plan() == BatchPlan(16, 16)
     policy.observe(stats(samples=16))
@@ -84,7 +85,7 @@ def test_resource_sizes_micro_batch_from_measured_memory() -> None:
         )
 
     cfg = BatchConfig(policy="resource", size=64, memory_headroom=0.0, regrow_after=3)
-    policy = build_batch_policy(cfg, memory_probe=probe)
+    policy = BATCH_POLICIES.build(cfg, StrategyContext(memory_probe=probe))
     assert policy.plan().micro_batch == 64
     assert policy.on_oom() and policy.plan().micro_batch == 32
     policy.observe(stats(samples=64))
@@ -99,8 +100,11 @@ def test_resource_sizes_micro_batch_from_measured_memory() -> None:
 def test_resource_regrows_after_quiet_period_when_memory_frees_up() -> None:
     gib = 1 << 30
     cfg = BatchConfig(policy="resource", size=64, memory_headroom=0.0, regrow_after=2)
-    policy = build_batch_policy(
-        cfg, memory_probe=lambda: MemorySnapshot(peak=12 * gib, allocated=10 * gib, total=80 * gib)
+    policy = BATCH_POLICIES.build(
+        cfg,
+        StrategyContext(
+            memory_probe=lambda: MemorySnapshot(peak=12 * gib, allocated=10 * gib, total=80 * gib)
+        ),
     )
     policy.on_oom()
     policy.on_oom()
@@ -124,7 +128,7 @@ def run_adaptive(policy: BatchPolicy, losses: list[float]) -> list[int]:
 
 def test_adaptive_grows_on_plateau_within_max() -> None:
     cfg = BatchConfig(policy="adaptive", size=8, max_size=48, window=4)
-    policy = build_batch_policy(cfg)
+    policy = BATCH_POLICIES.build(cfg)
     sizes = run_adaptive(policy, [2.0] * 24)
     assert sizes[:4] == [8] * 4 and sizes[4] == 16 and sizes[8] == 32
     assert max(sizes) == 48 and sizes[-1] == 48
@@ -132,24 +136,24 @@ def test_adaptive_grows_on_plateau_within_max() -> None:
 
 def test_adaptive_grows_when_noise_hides_the_trend_and_keeps_while_improving() -> None:
     cfg = BatchConfig(policy="adaptive", size=8, window=4)
-    noisy = build_batch_policy(cfg)
+    noisy = BATCH_POLICIES.build(cfg)
     run_adaptive(noisy, [3.0, 2.0, 3.1, 2.0])
     assert noisy.plan().samples == 16
-    improving = build_batch_policy(cfg)
+    improving = BATCH_POLICIES.build(cfg)
     run_adaptive(improving, [4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5])
     assert improving.plan().samples == 8
 
 
 def test_adaptive_shrinks_on_rising_loss_within_min() -> None:
     cfg = BatchConfig(policy="adaptive", size=16, min_size=6, window=4)
-    policy = build_batch_policy(cfg)
+    policy = BATCH_POLICIES.build(cfg)
     sizes = run_adaptive(policy, [1.0 + 0.2 * i for i in range(16)])
     assert sizes[4] == 8 and sizes[8] == 6 and min(sizes) == 6
 
 
 def test_adaptive_noise_scale_converges_to_the_gradient_noise_scale() -> None:
     cfg = BatchConfig(policy="adaptive", signal="noise_scale", size=8, max_size=64, window=4)
-    policy = build_batch_policy(cfg)
+    policy = BATCH_POLICIES.build(cfg)
     # E|G_B|^2 = |G|^2 + tr(Sigma) / B with |G|^2 = 1, tr(Sigma) = 32: B_noise = 32.
     for _ in range(40):
         plan = policy.plan()
@@ -160,7 +164,7 @@ def test_adaptive_noise_scale_converges_to_the_gradient_noise_scale() -> None:
 
 
 def test_adaptive_ignores_non_finite_steps() -> None:
-    policy = build_batch_policy(BatchConfig(policy="adaptive", window=2))
+    policy = BATCH_POLICIES.build(BatchConfig(policy="adaptive", window=2))
     for _ in range(5):
         policy.observe(stats(loss=math.nan))
     assert policy.plan().samples == 8
@@ -170,7 +174,7 @@ def test_uncertainty_size_is_monotone_in_entropy_and_bounded() -> None:
     cfg = BatchConfig(
         policy="uncertainty", size=8, min_size=4, max_size=64, entropy_low=1.0, entropy_high=5.0
     )
-    policy = build_batch_policy(cfg)
+    policy = BATCH_POLICIES.build(cfg)
     assert policy.plan().samples == 8  # no entropy seen yet
     sizes = []
     for entropy in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 9.0]:
@@ -184,8 +188,8 @@ def test_uncertainty_size_is_monotone_in_entropy_and_bounded() -> None:
 
 
 def test_periodic_by_samples() -> None:
-    policy = build_batch_policy(
-        BatchConfig(policy="periodic", period_samples=24), clock=FakeClock()
+    policy = BATCH_POLICIES.build(
+        BatchConfig(policy="periodic", period_samples=24), StrategyContext(clock=FakeClock())
     )
     assert policy.plan().samples == 24
     policy.observe(stats(samples=24))
@@ -197,7 +201,7 @@ def test_periodic_by_seconds_follows_measured_throughput() -> None:
     cfg = BatchConfig(
         policy="periodic", size=4, period_seconds=10.0, throughput_smoothing=1.0, max_size=64
     )
-    policy = build_batch_policy(cfg, clock=clock)
+    policy = BATCH_POLICIES.build(cfg, StrategyContext(clock=clock))
     assert policy.plan().samples == 4  # nothing measured yet
     policy.observe(stats(samples=4, seconds=2.0))  # first step: its own duration, 2 samples/s
     assert policy.plan().samples == 20
@@ -217,7 +221,7 @@ def test_periodic_seconds_capped_by_samples_and_smoothed() -> None:
     cfg = BatchConfig(
         policy="periodic", period_seconds=10.0, period_samples=16, throughput_smoothing=0.5
     )
-    policy = build_batch_policy(cfg, clock=clock)
+    policy = BATCH_POLICIES.build(cfg, StrategyContext(clock=clock))
     policy.observe(stats(samples=8, seconds=8.0))  # 1 sample/s
     assert policy.plan().samples == 10
     clock.now += 1.0
@@ -247,13 +251,15 @@ def test_state_round_trip(name: str) -> None:
     own_keys = {"adaptive": {"window": 3}, "periodic": {"period_seconds": 4.0}}.get(name, {})
     cfg = BatchConfig(policy=name, size=8, micro_batch=4, **own_keys)
     clock = FakeClock()
-    original = build_batch_policy(cfg, clock=clock, memory_probe=lambda: None)
+    original = BATCH_POLICIES.build(cfg, StrategyContext(clock=clock, memory_probe=lambda: None))
     drive(original, clock, 7)
     original.on_oom()
     state = json.loads(json.dumps(original.state_dict()))  # plain JSON values only
     resumed_clock = FakeClock()
     resumed_clock.now = clock.now
-    resumed = build_batch_policy(cfg, clock=resumed_clock, memory_probe=lambda: None)
+    resumed = BATCH_POLICIES.build(
+        cfg, StrategyContext(clock=resumed_clock, memory_probe=lambda: None)
+    )
     resumed.load_state_dict(state)
     assert isinstance(resumed, BatchPolicy)
     assert resumed.plan() == original.plan()
@@ -268,9 +274,9 @@ def test_state_round_trip(name: str) -> None:
 
 
 def test_loading_another_policys_state_fails_clearly() -> None:
-    state = build_batch_policy(BatchConfig()).state_dict()
+    state = BATCH_POLICIES.build(BatchConfig()).state_dict()
     with pytest.raises(CheckpointError, match="'fixed'.*'adaptive'"):
-        build_batch_policy(BatchConfig(policy="adaptive")).load_state_dict(state)
+        BATCH_POLICIES.build(BatchConfig(policy="adaptive")).load_state_dict(state)
 
 
 def test_config_validation_reports_every_problem() -> None:

@@ -10,15 +10,17 @@ import pytest
 
 from olm_cli.errors import CheckpointError
 from olm_cli.replay import (
+    REPLAY_BUFFERS,
     REPLAY_POLICIES,
     DiskReplayBuffer,
+    NoReplay,
     ReplayBuffer,
     ReplayConfig,
-    build_replay_buffer,
     expand_seed_paths,
     seed_buffer,
 )
 from olm_cli.samples import Block
+from olm_cli.strategy import StrategyContext
 
 # chi-square critical values at p = 0.001
 CHI2_999 = {9: 27.88, 19: 43.82}
@@ -30,8 +32,10 @@ def block(i: int, length: int = 4, domain: str = "web", shard: str = "s0") -> Bl
 
 
 def make(tmp_path: Path, seed: int = 0, name: str = "replay", **kwargs) -> DiskReplayBuffer:
-    buffer = build_replay_buffer(ReplayConfig(**kwargs), tmp_path / name, seed)
-    assert buffer is not None
+    """A buffer of the run directory ``tmp_path / name``, built as the engine builds it."""
+    context = StrategyContext(seed=seed, run_dir=tmp_path / name)
+    buffer = REPLAY_BUFFERS.build(ReplayConfig(**kwargs), context)
+    assert isinstance(buffer, DiskReplayBuffer)
     return buffer
 
 
@@ -39,8 +43,40 @@ def contents(buffer: DiskReplayBuffer) -> set[int]:
     return {int(item.tokens[0]) for item in buffer.items()}
 
 
-def test_none_policy_builds_nothing(tmp_path: Path) -> None:
-    assert build_replay_buffer(ReplayConfig(), tmp_path, 0) is None
+def test_registry_builds_every_policy_in_the_run_directory(tmp_path: Path) -> None:
+    """Every recipe name builds; disk buffers work in RUN/replay/rank<rank>."""
+    assert set(REPLAY_BUFFERS) == {"none", *REPLAY_POLICIES}
+    for policy in REPLAY_POLICIES:
+        context = StrategyContext(seed=0, run_dir=tmp_path / policy, rank=3)
+        buffer = REPLAY_BUFFERS.build(ReplayConfig(policy=policy), context)
+        assert isinstance(buffer, DiskReplayBuffer) and buffer.policy_name == policy
+        assert buffer.root == tmp_path / policy / "replay" / "rank3"
+        buffer.add([block(1)], step=1)
+        assert (buffer.root / "segments").is_dir() and len(buffer) == 1
+        assert buffer.state_dict() == {}  # everything is in the on-disk snapshot
+        buffer.close()
+    with pytest.raises(ValueError, match="context.run_dir"):
+        REPLAY_BUFFERS.build(ReplayConfig(policy="fifo"), StrategyContext())
+
+
+def test_none_policy_builds_a_buffer_that_does_nothing(tmp_path: Path) -> None:
+    buffer = REPLAY_BUFFERS.build(ReplayConfig(), StrategyContext(run_dir=tmp_path))
+    assert isinstance(buffer, NoReplay) and isinstance(buffer, ReplayBuffer)
+    buffer.add([block(i) for i in range(5)], step=1, scores=[1.0] * 5)
+    buffer.update_scores([0, 1], [2.0, 3.0])
+    assert len(buffer) == 0 and buffer.num_tokens == 0
+    assert buffer.sample(3) == [] and buffer.sample(0) == []
+    assert seed_buffer(buffer, (block(i) for i in range(10)), max_samples=4) == 4
+    assert len(buffer) == 0
+    buffer.save(tmp_path / "ckpt" / "replay")
+    assert list(tmp_path.iterdir()) == []  # no scratch space, and no replay/ in checkpoints
+    full = make(tmp_path, policy="fifo", capacity=4)
+    full.add([block(i) for i in range(3)], step=1)
+    full.save(tmp_path / "old" / "replay")
+    buffer.load(tmp_path / "old" / "replay")  # a snapshot of an earlier policy is not read
+    assert len(buffer) == 0 and buffer.state_dict() == {}
+    buffer.load_state_dict({})
+    buffer.close()
 
 
 @pytest.mark.parametrize("policy", sorted(REPLAY_POLICIES))
@@ -358,14 +394,12 @@ def test_sampling_counts_replays_and_update_scores_skips_evicted(tmp_path: Path)
 
 def test_compaction_bounds_disk_use(tmp_path: Path) -> None:
     cfg = ReplayConfig(policy="reservoir", capacity=200)
-    buffer = DiskReplayBuffer(
-        cfg, tmp_path / "r", 0, REPLAY_POLICIES["reservoir"](), segment_bytes=4096
-    )
+    buffer = DiskReplayBuffer(cfg, StrategyContext(seed=0, run_dir=tmp_path), segment_bytes=4096)
     for step in range(200):
         buffer.add([block(step * 20 + j, length=16) for j in range(20)], step)
     live = buffer.num_tokens * 4
     assert buffer.store.disk_bytes <= 2 * live + 2 * 4096
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "r" / "segments").iterdir())
+    on_disk = sum(p.stat().st_size for p in (buffer.root / "segments").iterdir())
     assert on_disk == buffer.store.disk_bytes
     for item in buffer.items():  # relocated samples still read back correctly
         assert (item.tokens == item.tokens[0]).all()

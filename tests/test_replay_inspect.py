@@ -12,9 +12,10 @@ import pytest
 from rich.console import Console
 
 from olm_cli.errors import DataError
-from olm_cli.replay import ReplayConfig, build_replay_buffer
+from olm_cli.replay import REPLAY_BUFFERS, ReplayConfig
 from olm_cli.replay.inspect import find_buffer_dir, inspect_replay
 from olm_cli.samples import Block
+from olm_cli.strategy import StrategyContext
 
 
 class CharTokenizer:
@@ -26,10 +27,9 @@ class CharTokenizer:
 def run_dir(tmp_path: Path) -> Path:
     """RUN/checkpoints/step-*/replay snapshots and a `latest` link to the newest one."""
     run = tmp_path / "run"
-    buffer = build_replay_buffer(
-        ReplayConfig(policy="reservoir", capacity=40), run / "replay", seed=0
+    buffer = REPLAY_BUFFERS.build(
+        ReplayConfig(policy="reservoir", capacity=40), StrategyContext(seed=0, run_dir=run)
     )
-    assert buffer is not None
     for step in range(1, 11):
         blocks = [
             Block(

@@ -19,11 +19,11 @@ from olm_cli.selectors import (
     Selection,
     Selector,
     SelectorConfig,
-    build_selector,
     mean_token_entropy,
 )
 from olm_cli.selectors.choice import choose_indices, normalised_weights, seeded_generator
 from olm_cli.selectors.coverage import apportion
+from olm_cli.strategy import StrategyContext
 
 V = 16
 PAD = 0
@@ -78,7 +78,7 @@ def test_entropy_picks_uncertain_samples() -> None:
     confident = [block([1, 2, 3, 4]), block([2, 3, 4, 5]), block([3, 4, 5, 6]), block([1, 2])]
     uncertain = [block([9, 10, 11, 12]), block([12, 13, 14, 15])]
     pool = [confident[0], uncertain[0], confident[1], confident[2], uncertain[1], confident[3]]
-    sel = build_selector(cfg(name="entropy", pool_factor=3), seed=0).select(model, pool, 2, PAD)
+    sel = SELECTORS.build(cfg(name="entropy", pool_factor=3), StrategyContext(seed=0)).select(model, pool, 2, PAD)
     assert sorted(sel.indices) == [1, 4]
     assert sel.unselected == 4
     assert sel.scores is not None and sel.scores.shape == (6,)
@@ -91,16 +91,16 @@ def test_loss_picks_badly_predicted_samples() -> None:
     model = confident_counter()
     # All tokens confident, but only the counting samples follow the prediction.
     pool = [block([1, 2, 3, 4]), block([1, 5, 3, 7]), block([2, 3, 4, 5]), block([4, 2, 6, 1])]
-    sel = build_selector(cfg(name="loss"), seed=0).select(model, pool, 2, PAD)
+    sel = SELECTORS.build(cfg(name="loss"), StrategyContext(seed=0)).select(model, pool, 2, PAD)
     assert sorted(sel.indices) == [1, 3]
-    entropy = build_selector(cfg(name="entropy"), seed=0).select(model, pool, 4, PAD)
+    entropy = SELECTORS.build(cfg(name="entropy"), StrategyContext(seed=0)).select(model, pool, 4, PAD)
     assert entropy.scores is not None and np.ptp(entropy.scores) < 1e-3  # entropy can't tell
 
 
 def test_gradnorm_picks_samples_with_large_gradients() -> None:
     model = confident_counter()
     pool = [block([1, 2, 3, 4]), block([1, 5, 3, 7]), block([9, 10, 11]), block([2, 3, 4, 5])]
-    sel = build_selector(cfg(name="gradnorm"), seed=0).select(model, pool, 2, PAD)
+    sel = SELECTORS.build(cfg(name="gradnorm"), StrategyContext(seed=0)).select(model, pool, 2, PAD)
     assert sorted(sel.indices) == [1, 2]  # surprising and uncertain, not the learnt counting
 
 
@@ -109,7 +109,7 @@ def test_real_llama_selection_ranks_by_the_reported_scores() -> None:
     rng = np.random.default_rng(0)
     pool = [block(rng.integers(1, 64, size=int(n)).tolist()) for n in rng.integers(3, 20, size=10)]
     for name in ("entropy", "loss", "gradnorm", "diversity", "coverage"):
-        sel = build_selector(cfg(name=name, score_micro_batch=3), seed=0).select(
+        sel = SELECTORS.build(cfg(name=name, score_micro_batch=3), StrategyContext(seed=0)).select(
             model, pool, 4, PAD
         )
         assert len(sel.indices) == 4 and len(set(sel.indices)) == 4
@@ -132,7 +132,7 @@ def test_mean_token_entropy_is_uniform_maximum_and_ignores_padding() -> None:
 def test_diversity_does_not_take_duplicates_while_new_points_remain() -> None:
     model = clustered(centres=4, per_centre=1, noise=0.0)
     pool = [block([1, 1]), block([1, 1]), block([2, 2]), block([2, 2]), block([3, 3]), block([4])]
-    sel = build_selector(cfg(name="diversity"), seed=0).select(model, pool, 4, PAD)
+    sel = SELECTORS.build(cfg(name="diversity"), StrategyContext(seed=0)).select(model, pool, 4, PAD)
     chosen_tokens = sorted(int(pool[i].tokens[0]) for i in sel.indices)
     assert chosen_tokens == [1, 2, 3, 4]
     assert sel.scores is not None
@@ -143,7 +143,7 @@ def test_diversity_does_not_take_duplicates_while_new_points_remain() -> None:
 def test_diversity_threshold_stops_at_near_duplicates() -> None:
     model = clustered(centres=3, per_centre=2, noise=0.01)
     pool = [block([t, t]) for t in range(1, 7)]  # three pairs of near-duplicates
-    sel = build_selector(cfg(name="diversity", mode="threshold", threshold=0.5), seed=0).select(
+    sel = SELECTORS.build(cfg(name="diversity", mode="threshold", threshold=0.5), StrategyContext(seed=0)).select(
         model, pool, 6, PAD
     )
     assert len(sel.indices) == 3
@@ -153,7 +153,7 @@ def test_diversity_threshold_stops_at_near_duplicates() -> None:
 
 def test_coverage_covers_every_cluster_and_keeps_rare_ones() -> None:
     model = clustered(centres=4, per_centre=4)
-    selector = build_selector(cfg(name="coverage", num_clusters=4, cluster_decay=1.0), seed=0)
+    selector = SELECTORS.build(cfg(name="coverage", num_clusters=4, cluster_decay=1.0), StrategyContext(seed=0))
     balanced = [block([t, t]) for t in range(1, 17)]
     first = selector.select(model, balanced, 4, PAD)
     assert sorted((int(balanced[i].tokens[0]) - 1) // 4 for i in first.indices) == [0, 1, 2, 3]
@@ -167,7 +167,7 @@ def test_coverage_covers_every_cluster_and_keeps_rare_ones() -> None:
 
 
 def test_coverage_restarts_clustering_when_the_embedding_size_changes() -> None:
-    selector = build_selector(cfg(name="coverage", num_clusters=2), seed=0)
+    selector = SELECTORS.build(cfg(name="coverage", num_clusters=2), StrategyContext(seed=0))
     pool = [block([1, 1]), block([5, 5]), block([9, 9])]
     selector.select(clustered(centres=4, per_centre=4), pool, 2, PAD)
     wider = TableModel(torch.zeros(17, 17), torch.eye(17))
@@ -204,10 +204,10 @@ def test_threshold_mode_keeps_only_scores_above_and_counts_the_rest() -> None:
     model = confident_counter()
     pool = [block([1, 2, 3]), block([9, 10, 11]), block([2, 3, 4]), block([12, 13, 14])]
     config = cfg(name="entropy", mode="threshold", threshold=1.0)
-    sel = build_selector(config, seed=0).select(model, pool, 3, PAD)
+    sel = SELECTORS.build(config, StrategyContext(seed=0)).select(model, pool, 3, PAD)
     assert sorted(sel.indices) == [1, 3]
     assert sel.unselected == 2
-    none = build_selector(cfg(name="entropy", mode="threshold", threshold=99.0), seed=0)
+    none = SELECTORS.build(cfg(name="entropy", mode="threshold", threshold=99.0), StrategyContext(seed=0))
     empty = none.select(model, pool, 3, PAD)
     assert empty.indices == [] and empty.unselected == 4
 
@@ -215,7 +215,7 @@ def test_threshold_mode_keeps_only_scores_above_and_counts_the_rest() -> None:
 def test_weights_are_proportional_with_mean_one() -> None:
     model = confident_counter()
     pool = [block([1, 5, 3, 7]), block([9, 10, 11]), block([4, 2, 6, 1]), block([1, 2, 3])]
-    sel = build_selector(cfg(name="loss", weighting=True), seed=0).select(model, pool, 3, PAD)
+    sel = SELECTORS.build(cfg(name="loss", weighting=True), StrategyContext(seed=0)).select(model, pool, 3, PAD)
     assert sel.weights is not None and sel.scores is not None
     assert sel.weights.shape == (3,)
     assert float(sel.weights.mean()) == pytest.approx(1.0, rel=1e-6)
@@ -228,20 +228,20 @@ def test_weights_are_proportional_with_mean_one() -> None:
 
 
 def test_random_selects_distinct_indices_without_the_model() -> None:
-    selector = build_selector(cfg(name="random", pool_factor=4), seed=3)
+    selector = SELECTORS.build(cfg(name="random", pool_factor=4), StrategyContext(seed=3))
     assert not selector.needs_model and selector.pool_factor == 4
     pool = [block([t]) for t in range(1, 13)]
     sel = selector.select(None, pool, 3, PAD)  # type: ignore[arg-type]
     assert len(set(sel.indices)) == 3 and sel.unselected == 9
     assert sel.scores is None and sel.weights is None
-    again = build_selector(cfg(name="random"), seed=3).select(None, pool, 3, PAD)  # type: ignore[arg-type]
+    again = SELECTORS.build(cfg(name="random"), StrategyContext(seed=3)).select(None, pool, 3, PAD)  # type: ignore[arg-type]
     assert again.indices == sel.indices
 
 
 @pytest.mark.parametrize("name", sorted(SELECTORS))
 def test_k_larger_than_pool_and_empty_pool(name: str) -> None:
     model = clustered(centres=2, per_centre=2)
-    selector = build_selector(cfg(name=name), seed=0)
+    selector = SELECTORS.build(cfg(name=name), StrategyContext(seed=0))
     sel = selector.select(model, [block([1, 2]), block([3, 4])], 5, PAD)
     assert sorted(sel.indices) == [0, 1] and sel.unselected == 0
     empty = selector.select(model, [], 5, PAD)
@@ -256,14 +256,14 @@ def test_state_round_trip_gives_identical_next_selection(name: str) -> None:
     sampled = {} if name == "random" else {"mode": "sample", "temperature": 0.5}
     clusters = {"num_clusters": 4} if name == "coverage" else {}
     config = cfg(name=name, **sampled, **clusters)
-    original: Selector = build_selector(config, seed=7)
+    original: Selector = SELECTORS.build(config, StrategyContext(seed=7))
     original.select(model, pools[0], 4, PAD)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)  # tensors and plain values only: no pickle
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     want: list[Selection] = [original.select(model, p, 4, PAD) for p in pools[1:]]
-    resumed = build_selector(config, seed=123)
+    resumed = SELECTORS.build(config, StrategyContext(seed=123))
     resumed.load_state_dict(state)
     got = [resumed.select(model, p, 4, PAD) for p in pools[1:]]
     for a, b in zip(want, got, strict=True):
@@ -274,9 +274,9 @@ def test_state_round_trip_gives_identical_next_selection(name: str) -> None:
 
 
 def test_loading_another_selectors_state_fails_clearly() -> None:
-    state = build_selector(cfg(name="loss"), seed=0).state_dict()
+    state = SELECTORS.build(cfg(name="loss"), StrategyContext(seed=0)).state_dict()
     with pytest.raises(CheckpointError, match="'loss'.*'entropy'"):
-        build_selector(cfg(name="entropy"), seed=0).load_state_dict(state)
+        SELECTORS.build(cfg(name="entropy"), StrategyContext(seed=0)).load_state_dict(state)
 
 
 # -- config -------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ tr(Sigma) (slope) without any extra backward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from olm_cli.batching.config import BatchConfig
 from olm_cli.batching.contract import BatchPlan, StepStats
 from olm_cli.batching.micro import MicroBatchLimit, check_policy_name, clamp
+from olm_cli.strategy import StrategyContext
 
 
 def loss_trend_direction(
@@ -77,10 +77,10 @@ class AdaptiveBatch:
 
     name = "adaptive"
 
-    def __init__(self, cfg: BatchConfig, clock: Callable[[], float]) -> None:
-        self.cfg = cfg
-        self.size = cfg.size
-        self.limit = MicroBatchLimit(cfg.micro_batch)
+    def __init__(self, config: BatchConfig, context: StrategyContext) -> None:
+        self.cfg = config
+        self.size = config.size
+        self.limit = MicroBatchLimit(config.micro_batch)
         self.losses: list[float] = []  # since the last size change
         self.history: list[tuple[int, float]] = []  # (samples, grad norm), across sizes
 

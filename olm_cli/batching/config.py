@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from olm_cli.batching.registry import BATCH_POLICIES
 from olm_cli.config_base import StrategySection, for_strategies
-
-PolicyName = Literal["fixed", "adaptive", "uncertainty", "resource", "periodic"]
+from olm_cli.strategy import Registry
 
 SIZE_CHOOSING_POLICIES = ("adaptive", "uncertainty", "periodic")
 """Policies that choose the effective batch themselves, within [min_size, max_size]; fixed and
@@ -22,10 +22,11 @@ class BatchConfig(StrategySection):
     after an out-of-memory error) never changes what one optimizer step means.
     """
 
+    strategy_registry: ClassVar[Registry[Any]] = BATCH_POLICIES
     strategy_key: ClassVar[str] = "policy"
     strategy_kind: ClassVar[tuple[str, str]] = ("batch policy", "batch policies")
 
-    policy: PolicyName = Field(
+    policy: Annotated[str, AfterValidator(BATCH_POLICIES.check)] = Field(
         default="fixed",
         description=(
             "fixed: always `size`. adaptive: grow/shrink from the loss trend or the gradient "

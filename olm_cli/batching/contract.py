@@ -36,6 +36,10 @@ class StepStats:
 class BatchPolicy(Protocol):
     """Decides the size of each optimizer step and survives out-of-memory errors.
 
+    Built by :data:`~olm_cli.batching.registry.BATCH_POLICIES` as ``Cls(config, context)`` from
+    the recipe's ``batch`` section and a :class:`~olm_cli.strategy.StrategyContext` (clock,
+    memory probe).
+
     ``plan()`` has no side effects (the engine may call it more than once, e.g. to log);
     ``observe()`` feeds back the step that was taken; ``on_oom()`` halves the micro-batch of
     the current plan, keeping its samples, and returns False once it is already 1.

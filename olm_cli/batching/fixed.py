@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from olm_cli.batching.config import BatchConfig
 from olm_cli.batching.contract import BatchPlan, StepStats
 from olm_cli.batching.micro import MicroBatchLimit, check_policy_name
+from olm_cli.strategy import StrategyContext
 
 
 class FixedBatch:
@@ -15,9 +15,9 @@ class FixedBatch:
 
     name = "fixed"
 
-    def __init__(self, cfg: BatchConfig, clock: Callable[[], float]) -> None:
-        self.size = cfg.size
-        self.limit = MicroBatchLimit(cfg.micro_batch)
+    def __init__(self, config: BatchConfig, context: StrategyContext) -> None:
+        self.size = config.size
+        self.limit = MicroBatchLimit(config.micro_batch)
 
     def plan(self) -> BatchPlan:
         return BatchPlan(self.size, self.limit.fit(self.size))

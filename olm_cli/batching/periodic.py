@@ -9,12 +9,12 @@ simulations) can drive time by hand.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from olm_cli.batching.config import BatchConfig
 from olm_cli.batching.contract import BatchPlan, StepStats
 from olm_cli.batching.micro import MicroBatchLimit, check_policy_name, clamp
+from olm_cli.strategy import StrategyContext
 
 
 class PeriodicBatch:
@@ -22,10 +22,10 @@ class PeriodicBatch:
 
     name = "periodic"
 
-    def __init__(self, cfg: BatchConfig, clock: Callable[[], float]) -> None:
-        self.cfg = cfg
-        self.clock = clock
-        self.limit = MicroBatchLimit(cfg.micro_batch)
+    def __init__(self, config: BatchConfig, context: StrategyContext) -> None:
+        self.cfg = config
+        self.clock = context.clock
+        self.limit = MicroBatchLimit(config.micro_batch)
         self.throughput: float | None = None  # samples per second, moving average
         self.last_time: float | None = None
 

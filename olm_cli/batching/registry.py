@@ -1,33 +1,23 @@
-"""Recipe short name -> batch policy class; the only place that knows every policy."""
+"""Recipe short name (``batch.policy``) -> batch policy; the only place that knows every policy.
+
+Factories are ``"module:Class"`` strings, resolved on first build, so that the recipe (which
+validates ``batch.policy`` against this registry) can be read without importing torch. Every
+policy is built as ``BATCH_POLICIES.build(recipe.batch, context)``; policies that need time or
+memory readings take them from ``context.clock`` and ``context.memory_probe``.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from olm_cli.batching.adaptive import AdaptiveBatch
-from olm_cli.batching.config import BatchConfig
-from olm_cli.batching.contract import BatchPolicy
-from olm_cli.batching.fixed import FixedBatch
-from olm_cli.batching.periodic import PeriodicBatch
-from olm_cli.batching.resource import MemoryProbe, ResourceBatch
-from olm_cli.batching.uncertainty import UncertaintyBatch
+from olm_cli.strategy import Registry
 
-BATCH_POLICIES: dict[str, Callable[[BatchConfig, Callable[[], float]], BatchPolicy]] = {
-    "fixed": FixedBatch,
-    "adaptive": AdaptiveBatch,
-    "uncertainty": UncertaintyBatch,
-    "resource": ResourceBatch,
-    "periodic": PeriodicBatch,
-}
+if TYPE_CHECKING:
+    from olm_cli.batching.contract import BatchPolicy
 
-
-def build_batch_policy(
-    cfg: BatchConfig,
-    clock: Callable[[], float] = time.monotonic,
-    memory_probe: MemoryProbe | None = None,
-) -> BatchPolicy:
-    """Instantiate the recipe's policy; ``clock``/``memory_probe`` are injectable for tests."""
-    if cfg.policy == "resource" and memory_probe is not None:
-        return ResourceBatch(cfg, clock, memory_probe)
-    return BATCH_POLICIES[cfg.policy](cfg, clock)
+BATCH_POLICIES: Registry[BatchPolicy] = Registry("batch", "policy")
+BATCH_POLICIES.register("fixed", "olm_cli.batching.fixed:FixedBatch")
+BATCH_POLICIES.register("adaptive", "olm_cli.batching.adaptive:AdaptiveBatch")
+BATCH_POLICIES.register("uncertainty", "olm_cli.batching.uncertainty:UncertaintyBatch")
+BATCH_POLICIES.register("resource", "olm_cli.batching.resource:ResourceBatch")
+BATCH_POLICIES.register("periodic", "olm_cli.batching.periodic:PeriodicBatch")

@@ -18,6 +18,7 @@ import torch
 from olm_cli.batching.config import BatchConfig
 from olm_cli.batching.contract import BatchPlan, StepStats
 from olm_cli.batching.micro import MicroBatchLimit, check_policy_name
+from olm_cli.strategy import StrategyContext
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,12 @@ class ResourceBatch:
 
     name = "resource"
 
-    def __init__(
-        self,
-        cfg: BatchConfig,
-        clock: Callable[[], float],
-        memory_probe: MemoryProbe = cuda_memory_probe,
-    ) -> None:
-        self.cfg = cfg
-        self.size = cfg.size
-        self.limit = MicroBatchLimit(cfg.size)  # start at the maximum: the whole batch
-        self.probe = memory_probe
+    def __init__(self, config: BatchConfig, context: StrategyContext) -> None:
+        self.cfg = config
+        self.size = config.size
+        self.limit = MicroBatchLimit(config.size)  # start at the maximum: the whole batch
+        # Tests inject a probe through the context; the engine leaves it to the CUDA allocator.
+        self.probe: MemoryProbe = context.memory_probe or cuda_memory_probe
         self.steps_since_oom: int | None = None  # None: never hit an OOM
 
     def plan(self) -> BatchPlan:

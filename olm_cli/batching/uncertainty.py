@@ -8,12 +8,12 @@ the selector's scoring pass (``StepStats.pool_mean_entropy``), so it costs nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from olm_cli.batching.config import BatchConfig
 from olm_cli.batching.contract import BatchPlan, StepStats
 from olm_cli.batching.micro import MicroBatchLimit, check_policy_name, clamp
+from olm_cli.strategy import StrategyContext
 
 
 class UncertaintyBatch:
@@ -21,9 +21,9 @@ class UncertaintyBatch:
 
     name = "uncertainty"
 
-    def __init__(self, cfg: BatchConfig, clock: Callable[[], float]) -> None:
-        self.cfg = cfg
-        self.limit = MicroBatchLimit(cfg.micro_batch)
+    def __init__(self, config: BatchConfig, context: StrategyContext) -> None:
+        self.cfg = config
+        self.limit = MicroBatchLimit(config.micro_batch)
         self.entropy: float | None = None
 
     def size_for(self, entropy: float) -> int:

@@ -2,7 +2,7 @@
 
 ``DiskReplayBuffer`` owns everything a policy should not have to think about: token bytes on
 disk (:class:`SegmentStore`), per-sample metadata in numpy columns (:class:`SampleTable`), the
-seeded generator, capacity accounting and snapshots. The policy (:mod:`registry`) only decides
+seeded generator, capacity accounting and snapshots. The policy (:mod:`policies`) only decides
 who enters, who leaves and who is drawn.
 
 Determinism contract: every random choice comes from ``self.rng`` (numpy PCG64 seeded by the
@@ -13,7 +13,7 @@ samples as the run that wrote the snapshot, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,8 @@ import numpy as np
 
 from olm_cli.errors import CheckpointError
 from olm_cli.replay.config import ReplayConfig
+from olm_cli.replay.policies import REPLAY_POLICIES
 from olm_cli.replay.protocol import Incoming, ReplayItem, ReplayPolicy
-from olm_cli.replay.registry import REPLAY_POLICIES
 from olm_cli.replay.snapshot import (
     COLUMNS_DIR,
     FORMAT,
@@ -39,6 +39,7 @@ from olm_cli.replay.table import COLUMNS, SampleTable
 
 if TYPE_CHECKING:
     from olm_cli.samples import Block
+    from olm_cli.strategy import StrategyContext
 
 _DEFAULT_SCORE = 1.0
 _INITIAL_SLOTS = 4096
@@ -47,27 +48,30 @@ _INITIAL_SLOTS = 4096
 class DiskReplayBuffer:
     """A bounded, on-disk, checkpointable replay buffer driven by one :class:`ReplayPolicy`.
 
-    ``root`` is scratch space the buffer owns (``RUN/replay``); it is wiped on construction
-    and on :meth:`load`, because snapshots, not the scratch space, are the source of truth.
+    Its scratch space ``root`` is ``context.run_dir / "replay" / f"rank{context.rank}"`` (one per
+    process: ranks hold the same samples but write their own files); it is wiped on
+    construction and on :meth:`load`, because snapshots, not the scratch space, are the source
+    of truth. The policy is ``REPLAY_POLICIES[config.policy]`` unless one is given (tests).
     """
 
     def __init__(
         self,
-        cfg: ReplayConfig,
-        root: Path,
-        seed: int,
-        policy: ReplayPolicy,
+        config: ReplayConfig,
+        context: StrategyContext,
         *,
+        policy: ReplayPolicy | None = None,
         segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
-        self.cfg = cfg
-        self.root = Path(root)
-        self.policy = policy
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        if context.run_dir is None:
+            raise ValueError("a replay buffer keeps its samples under context.run_dir; set it")
+        self.cfg = config
+        self.root = Path(context.run_dir) / "replay" / f"rank{context.rank}"
+        self.policy = policy if policy is not None else REPLAY_POLICIES[config.policy]()
+        self.rng = np.random.Generator(np.random.PCG64(context.seed))
         self.store = SegmentStore(self.root / SEGMENTS, segment_bytes)
-        initial = cfg.capacity if cfg.capacity_unit == "samples" else cfg.capacity // 64
+        initial = config.capacity if config.capacity_unit == "samples" else config.capacity // 64
         self.table = SampleTable(max(16, min(initial, _INITIAL_SLOTS)))
-        self.policy.attach(self.table, self.rng, cfg)
+        self.policy.attach(self.table, self.rng, config)
         self.step = 0
         self.evicted = 0
         self.rejected = 0
@@ -358,6 +362,18 @@ class DiskReplayBuffer:
                 state[key.removeprefix("policy.")] = value
         self.policy.load_state_dict(state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: all of the buffer's state (generator, counters, table) is in the snapshot.
+
+        Those values describe the samples on disk, so they are written by :meth:`save` next to
+        the segments, in one manifest that is replaced atomically; kept apart they could
+        disagree with the samples after a crash between the two writes.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore beyond :meth:`load` (see :meth:`state_dict`)."""
+
     def close(self) -> None:
         """Release file descriptors (the engine calls this in cleanup)."""
         self.store.close()
@@ -397,10 +413,3 @@ def _payload(
     )
     return payload, k
 
-
-def build_replay_buffer(cfg: ReplayConfig, root: Path, seed: int) -> DiskReplayBuffer | None:
-    """The buffer the recipe asks for, or None when ``replay.policy`` is ``none``."""
-    if cfg.policy == "none":
-        return None
-    policy = REPLAY_POLICIES[cfg.policy]()
-    return DiskReplayBuffer(cfg, root, seed, policy)

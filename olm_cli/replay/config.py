@@ -6,27 +6,34 @@ from these models; a field without one would be an undocumented knob.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from olm_cli.config_base import StrategySection, for_strategies
+from olm_cli.replay.registry import REPLAY_BUFFERS
+from olm_cli.strategy import Registry
 
-ReplayPolicyName = Literal[
-    "none", "reservoir", "fifo", "lru", "priority", "domain_balanced", "importance"
-]
-
-BUFFERED_POLICIES: tuple[str, ...] = tuple(name for name in get_args(ReplayPolicyName) if name != "none")
-"""Policies that keep a buffer; with ``none`` there is nothing to size, seed or replay."""
+BUFFERED_POLICIES: tuple[str, ...] = (
+    "reservoir",
+    "fifo",
+    "lru",
+    "priority",
+    "domain_balanced",
+    "importance",
+)
+"""Built-in policies that keep a buffer; with ``none`` there is nothing to size, seed or replay.
+A policy registered from outside olm takes none of their keys."""
 
 
 class ReplayConfig(StrategySection):
     """How much old data is kept, which of it, and how much of each batch it supplies."""
 
+    strategy_registry: ClassVar[Registry[Any]] = REPLAY_BUFFERS
     strategy_key: ClassVar[str] = "policy"
     strategy_kind: ClassVar[tuple[str, str]] = ("replay policy", "replay policies")
 
-    policy: ReplayPolicyName = Field(
+    policy: Annotated[str, AfterValidator(REPLAY_BUFFERS.check)] = Field(
         "none",
         description=(
             "Which samples the buffer keeps and draws. 'none' disables replay. "

@@ -42,7 +42,13 @@ class ReplayItem:
 
 @runtime_checkable
 class ReplayBuffer(Protocol):
-    """What the training engine calls; see docs/replay.md for the step-by-step usage."""
+    """What the training engine calls; see docs/replay.md for the step-by-step usage.
+
+    Built by :data:`~olm_cli.replay.registry.REPLAY_BUFFERS` as ``Cls(config, context)``.
+    ``save``/``load`` write and read the on-disk snapshot that goes into each checkpoint (the
+    samples and every counter that must agree with them); ``state_dict``/``load_state_dict``
+    carry in-memory state kept apart from that snapshot (none for the built-in buffers).
+    """
 
     def __len__(self) -> int: ...
 
@@ -64,6 +70,12 @@ class ReplayBuffer(Protocol):
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(slots=True)

@@ -1,12 +1,14 @@
 """Selectors: choose which incoming samples the next optimizer step trains on.
 
-One file per strategy; :data:`SELECTORS` maps the recipe's ``selector.name`` to its class.
+One file per strategy; :data:`SELECTORS` maps the recipe's ``selector.name`` to its class and
+builds it: ``SELECTORS.build(recipe.selector, StrategyContext(seed=...))``.
 """
 
 from __future__ import annotations
 
 from olm_cli.lazy import lazy_getattr
 from olm_cli.selectors.config import SelectorConfig
+from olm_cli.selectors.registry import SELECTORS
 
 # Everything else is imported on first use, so that reading a recipe (which only needs the
 # config classes) does not import torch: `olm train` with nothing to do must return at once.
@@ -18,10 +20,8 @@ _LAZY = {
     "LossSelector": "olm_cli.selectors.loss",
     "PoolScores": "olm_cli.selectors.scoring",
     "RandomSelector": "olm_cli.selectors.uniform",
-    "SELECTORS": "olm_cli.selectors.registry",
     "Selection": "olm_cli.selectors.contract",
     "Selector": "olm_cli.selectors.contract",
-    "build_selector": "olm_cli.selectors.registry",
     "mean_token_entropy": "olm_cli.selectors.scoring",
     "score_pool": "olm_cli.selectors.scoring",
 }
@@ -41,7 +41,6 @@ __all__ = [
     "Selection",
     "Selector",
     "SelectorConfig",
-    "build_selector",
     "mean_token_entropy",
     "score_pool",
 ]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from olm_cli.config_base import StrategySection, for_strategies
+from olm_cli.selectors.registry import SELECTORS
+from olm_cli.strategy import Registry
 
-SelectorName = Literal["random", "entropy", "loss", "gradnorm", "diversity", "coverage"]
 SelectionMode = Literal["topk", "sample", "threshold"]
 
-SCORING_SELECTORS: tuple[str, ...] = tuple(name for name in get_args(SelectorName) if name != "random")
-"""Selectors that score the pool with a forward pass; ``random`` neither scores nor ranks."""
+SCORING_SELECTORS: tuple[str, ...] = ("entropy", "loss", "gradnorm", "diversity", "coverage")
+"""Built-in selectors that score the pool with a forward pass; ``random`` neither scores nor
+ranks. A selector registered from outside olm takes none of their keys."""
 
 
 class SelectorConfig(StrategySection):
@@ -23,10 +25,11 @@ class SelectorConfig(StrategySection):
     unselected by the engine, never dropped silently.
     """
 
+    strategy_registry: ClassVar[Registry[Any]] = SELECTORS
     strategy_key: ClassVar[str] = "name"
     strategy_kind: ClassVar[tuple[str, str]] = ("selector", "selectors")
 
-    name: SelectorName = Field(
+    name: Annotated[str, AfterValidator(SELECTORS.check)] = Field(
         default="random",
         description=(
             "Scoring rule. random: uniform, no forward pass. entropy: mean predictive token "

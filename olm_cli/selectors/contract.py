@@ -34,6 +34,9 @@ class Selection:
 class Selector(Protocol):
     """Chooses at most ``k`` of ``blocks`` for the next optimizer step.
 
+    Built by :data:`~olm_cli.selectors.registry.SELECTORS` as ``Cls(config, context)`` from the
+    recipe's ``selector`` section and a :class:`~olm_cli.strategy.StrategyContext` (the seed).
+
     ``needs_model`` is False only for selectors that never run a forward pass, so the engine
     can skip moving the model or drawing a larger pool for nothing. Randomness comes from a
     seeded generator held in ``state_dict`` (tensors and plain Python values only, no pickle)

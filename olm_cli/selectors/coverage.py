@@ -28,6 +28,7 @@ from olm_cli.selectors.contract import Selection
 from olm_cli.selectors.diversity import unit_rows
 from olm_cli.selectors.scoring import score_pool
 from olm_cli.selectors.state import check_state_name
+from olm_cli.strategy import StrategyContext
 
 _DISTINCT = 1e-6  # cosine distance below which two embeddings count as the same point
 
@@ -52,13 +53,13 @@ class CoverageSelector:
     name = "coverage"
     needs_model = True
 
-    def __init__(self, cfg: SelectorConfig, seed: int) -> None:
-        self.pool_factor = cfg.pool_factor
-        self.score_micro_batch = cfg.score_micro_batch
-        self.score_tokens = cfg.score_tokens
-        self.num_clusters = cfg.num_clusters
-        self.decay = cfg.cluster_decay
-        self.chooser = ScoreChooser(cfg, seed)
+    def __init__(self, config: SelectorConfig, context: StrategyContext) -> None:
+        self.pool_factor = config.pool_factor
+        self.score_micro_batch = config.score_micro_batch
+        self.score_tokens = config.score_tokens
+        self.num_clusters = config.num_clusters
+        self.decay = config.cluster_decay
+        self.chooser = ScoreChooser(config, context.seed)
         self.centroids = np.zeros((0, 0))
         self.mass = np.zeros(0)
 

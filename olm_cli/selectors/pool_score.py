@@ -17,6 +17,7 @@ from olm_cli.selectors.config import SelectorConfig
 from olm_cli.selectors.contract import Selection
 from olm_cli.selectors.scoring import score_pool
 from olm_cli.selectors.state import check_state_name
+from olm_cli.strategy import StrategyContext
 
 
 class PoolScoreSelector:
@@ -26,11 +27,11 @@ class PoolScoreSelector:
     score_field: ClassVar[str]
     needs_model = True
 
-    def __init__(self, cfg: SelectorConfig, seed: int) -> None:
-        self.pool_factor = cfg.pool_factor
-        self.score_micro_batch = cfg.score_micro_batch
-        self.score_tokens = cfg.score_tokens
-        self.chooser = ScoreChooser(cfg, seed)
+    def __init__(self, config: SelectorConfig, context: StrategyContext) -> None:
+        self.pool_factor = config.pool_factor
+        self.score_micro_batch = config.score_micro_batch
+        self.score_tokens = config.score_tokens
+        self.chooser = ScoreChooser(config, context.seed)
 
     def select(
         self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int

@@ -12,6 +12,7 @@ from olm_cli.selectors.choice import seeded_generator
 from olm_cli.selectors.config import SelectorConfig
 from olm_cli.selectors.contract import Selection
 from olm_cli.selectors.state import check_state_name
+from olm_cli.strategy import StrategyContext
 
 
 class RandomSelector:
@@ -24,9 +25,9 @@ class RandomSelector:
     name = "random"
     needs_model = False
 
-    def __init__(self, cfg: SelectorConfig, seed: int) -> None:
-        self.pool_factor = cfg.pool_factor
-        self.generator = seeded_generator(seed)
+    def __init__(self, config: SelectorConfig, context: StrategyContext) -> None:
+        self.pool_factor = config.pool_factor
+        self.generator = seeded_generator(context.seed)
 
     def select(
         self, model: torch.nn.Module, blocks: Sequence[Block], k: int, pad_id: int
