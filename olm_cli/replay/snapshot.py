@@ -26,6 +26,7 @@ import numpy as np
 
 from olm_cli.errors import CheckpointError
 from olm_cli.replay.store import fsync_dir, read_exact, segment_name
+from olm_cli.rundir.atomic import write_text_atomic
 
 FORMAT = "olm-replay/1"
 MANIFEST = "manifest.json"
@@ -35,13 +36,8 @@ SEGMENTS = "segments"
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """The manifest as the replay reader expects it (keys in insertion order), written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 def write_arrays(directory: Path, arrays: Iterable[tuple[str, np.ndarray]]) -> None:

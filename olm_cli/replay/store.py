@@ -19,26 +19,14 @@ import os
 import shutil
 from pathlib import Path
 
+from olm_cli.rundir.atomic import fsync_dir
+
 SEGMENT_BYTES = 64 << 20
 _MAX_OPEN_READERS = 128
 
 
 def segment_name(segment: int) -> str:
     return f"seg-{segment:08d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or link durable; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class SegmentStore:
