@@ -267,19 +267,6 @@ def test_resume_without_checkpoint_rewinds_everything(tmp_path: Path, data: Path
     assert (entry.status, entry.tokens, entry.finished_at) == (ShardStatus.PENDING, 0, None)
 
 
-def test_write_copy_and_read_copy(tmp_path: Path, data: Path):
-    shard(data, "a.txt", "alpha")
-    ledger = ShardLedger(tmp_path / "ledger.json")
-    ledger.scan(shards(data))
-    ckpt = tmp_path / "step-00000001"
-    ckpt.mkdir()
-    ledger.write_copy(ckpt)
-    assert ShardLedger.read_copy(ckpt) == ledger.state_dict()
-    (ckpt / "ledger.json").unlink()
-    with pytest.raises(CheckpointError, match="ledger.json"):
-        ShardLedger.read_copy(ckpt)
-
-
 def test_load_state_dict_replaces_and_rejects_bad_format(tmp_path: Path, data: Path):
     shard(data, "a.txt", "alpha")
     first = ShardLedger(tmp_path / "l.json")

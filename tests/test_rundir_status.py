@@ -31,7 +31,7 @@ def run_dir(tmp_path: Path) -> Path:
     for name in ("a", "b"):
         ledger.mark_done(data / f"{name}.txt", 500, inc)
     manager = CheckpointManager(run / "checkpoints")
-    manager.save(40, ledger.write_copy)
+    manager.save(40, lambda directory: (directory / "trainer_state.json").write_text(json.dumps({"ledger": ledger.state_dict()})))
     ledger.save()
     (run / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 3.0 - s / 100}) + "\n" for s in range(1, 41))
@@ -69,7 +69,7 @@ def test_status_shows_lock_holder(run_dir: Path):
 
 def test_status_reports_problems_instead_of_failing(run_dir: Path):
     (run_dir / "ledger.json").write_text("{")
-    os.truncate(run_dir / "checkpoints" / "step-00000040" / "ledger.json", 1)
+    os.truncate(run_dir / "checkpoints" / "step-00000040" / "trainer_state.json", 1)
     status = collect_status(run_dir)
     assert status["last_checkpoint"] is None
     assert any("ledger.json is corrupt" in p for p in status["problems"])

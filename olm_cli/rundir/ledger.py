@@ -235,8 +235,8 @@ class ShardLedger:
             state = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CheckpointError(
-                f"shard ledger {path} is corrupt ({exc}); restore it from the latest "
-                f"checkpoint's {LEDGER_FILENAME} or move it away to start over"
+                f"shard ledger {path} is corrupt ({exc}); restore it from the `ledger` key of the "
+                "latest checkpoint's trainer_state.json or move it away to start over"
             ) from exc
         ledger = cls(path)
         ledger._load_state(state, source=str(path))
@@ -269,20 +269,6 @@ class ShardLedger:
                 entry.split_documents = entry.skipped_documents = 0
         return ledger
 
-    @classmethod
-    def read_copy(cls, directory: Path) -> dict[str, Any]:
-        """The state stored by :meth:`write_copy` in a checkpoint directory."""
-        copy = Path(directory) / LEDGER_FILENAME
-        try:
-            state = json.loads(copy.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {directory} has no readable {LEDGER_FILENAME}: {exc}"
-            ) from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"shard ledger {copy} is corrupt: top level is not an object")
-        return state
-
     def save(self) -> None:
         """Atomically write ``RUN/ledger.json``.
 
@@ -291,16 +277,6 @@ class ShardLedger:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, self.state_dict())
-
-    def write_copy(self, directory: Path) -> Path:
-        """Store this ledger as ``ledger.json`` in a checkpoint being written.
-
-        Call it from the checkpoint's write callback, or put :meth:`state_dict` into any
-        other file of the checkpoint; what matters is that it is captured with the weights.
-        """
-        target = Path(directory) / LEDGER_FILENAME
-        write_json_atomic(target, self.state_dict())
-        return target
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -459,7 +435,7 @@ class ShardLedger:
 
     def _skip_if_trained(self, entry: ShardEntry, result: ScanResult) -> bool:
         """Skip ``entry`` when its current bytes were trained before (here or elsewhere)."""
-        original = self._trained.get(entry.sha256)
+        original = self.trained_from(entry.sha256)
         if original is None:
             return False
         entry.status = ShardStatus.SKIPPED
