@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from olm_cli.rundir.atomic import (
     publishing_directory,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:  # imported where used: a command that loads no model does not pay for transformers
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,15 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-        **sizes,
+        hidden_size=sizes["hidden_size"],
+        num_hidden_layers=sizes["num_hidden_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        intermediate_size=sizes["intermediate_size"],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # Held as a plain Module: transformers decorates ``to`` with functools.wraps, which type
+    # checkers read as the unbound ``Module.to`` (the dtype would be taken for ``self``).
+    model: torch.nn.Module = LlamaForCausalLM(config)
     return model.to(DTYPES[cfg.dtype])
 
 
@@ -112,11 +120,12 @@ def load_pretrained(
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """Load a causal LM from a hub id, a local directory or a GGUF file inside it."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _source_kwargs(gguf_file, revision, trust_remote_code)
+    model: PreTrainedModel
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as exc:
@@ -126,7 +135,7 @@ def load_pretrained(
     return model
 
 
-def _rebuild_plain(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _rebuild_plain(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """A GGUF-loaded model carries a GGUF quantizer that refuses ``save_pretrained`` (and marks it
     untrainable) even when every weight is de-quantised; rebuild a plain model with the same weights."""
     from transformers import AutoModelForCausalLM
@@ -316,7 +325,7 @@ def _cached_gguf(cfg: ModelConfig, cache_dir: Path) -> tuple[torch.nn.Module, An
         return None
 
 
-def _store_gguf_cache(cfg: ModelConfig, cache_dir: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+def _store_gguf_cache(cfg: ModelConfig, cache_dir: Path, model: PreTrainedModel, tokenizer: Any) -> None:
     """Write the cache to a temporary directory and rename it, so a crash never leaves half of one."""
     try:
         with publishing_directory(cache_dir) as staged:
