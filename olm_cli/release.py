@@ -22,6 +22,7 @@ fsync, rename, verify, and only then move ``latest`` with one atomic rename of a
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -61,6 +62,7 @@ from olm_cli.rundir.ledger import now_iso
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: `olm status` reads releases without it
     import torch
+    from transformers import PreTrainedModel
 
 RELEASES_DIR = "releases"
 LATEST_LINK = "latest"
@@ -395,7 +397,7 @@ class ReleaseStore:
         """Swap ``latest`` to ``name`` (or remove it) in one rename so readers never see half a change."""
         replace_symlink(self.root / LATEST_LINK, name)
 
-    def prune(self) -> list[Path]:
+    def prune(self) -> builtins.list[Path]:  # ``list`` in this class is the method above
         """Keep the newest ``keep`` releases that verify (released or rejected) and ``latest``'s target.
 
         Rejected releases count: a run that keeps failing its gate must not fill the disk. A
@@ -522,7 +524,7 @@ def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) 
         if not tensor.is_floating_point():
             cast[key] = tensor.cpu()
             continue
-        identity = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.storage_offset())
+        identity = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape), int(tensor.storage_offset()))
         if identity not in by_storage:
             by_storage[identity] = tensor.to(device="cpu", dtype=dtype, copy=True)
         cast[key] = by_storage[identity]
@@ -546,7 +548,7 @@ def _relative_to(path: Path, base: Path) -> str:
 def _write_release_files(
     directory: Path,
     recipe: Recipe,
-    save_model: torch.nn.Module,
+    save_model: PreTrainedModel,
     cast: dict[str, torch.Tensor],
     tokenizer: Any,
     info: dict[str, Any],
