@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,43 +24,10 @@ from olm_cli.errors import (
     RecipeError,
 )
 from olm_cli.recipe import Recipe
+from olm_cli.run_state import TRAINER_STATE, IncrementPlan, TrainOutcome
 from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
 from olm_cli.rundir.atomic import write_text_atomic
 from olm_cli.rundir.checkpoint import CheckpointFallback, CheckpointVerifyError
-
-TRAINER_STATE = "trainer_state.json"
-
-
-@dataclass
-class TrainOutcome:
-    """What one invocation did; the CLI turns it into a message and an exit code."""
-
-    status: str  # "nothing_to_do" | "increment_complete" | "time_budget" | "interrupted"
-    exit_code: int
-    increment: int = 0
-    steps: int = 0
-    tokens: int = 0
-    checkpoint: str | None = None
-    message: str = ""
-
-
-@dataclass
-class IncrementPlan:
-    """Everything decided before the model is loaded."""
-
-    checkpoints: CheckpointManager
-    latest: Path | None
-    state: dict[str, Any]
-    ledger: ShardLedger
-    resuming: bool
-    shards: list[Path] = field(default_factory=list)
-    carried_state: dict[str, Any] | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def has_work(self) -> bool:
-        leftover = bool(self.carried_state and self.carried_state["pending"])
-        return self.resuming or bool(self.shards) or leftover
 
 
 def _read_state(checkpoint: Path) -> dict[str, Any]:
@@ -253,7 +218,7 @@ def release_pending(recipe: Recipe, plan: IncrementPlan) -> bool:
 
 def _publish_pending(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any) -> Any:
     """Release the increment a crash left checkpointed but unreleased; None if the checkpoint is unusable."""
-    from olm_cli.engine import publish_pending_release
+    from olm_cli.publish import publish_pending_release
 
     assert plan.latest is not None
     try:

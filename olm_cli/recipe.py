@@ -19,9 +19,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from olm_cli.batching.config import BatchConfig
 from olm_cli.config_base import IGNORE_INAPPLICABLE_KEYS, Section
-from olm_cli.distill.config import DistillConfig, RegularizeConfig
+from olm_cli.distill.config import DistillConfig
 from olm_cli.errors import RecipeError
 from olm_cli.partial.config import TrainConfig
+from olm_cli.regularize.config import RegularizeConfig
 from olm_cli.replay.config import ReplayConfig
 from olm_cli.selectors.config import SelectorConfig
 

@@ -51,7 +51,7 @@ class StrategyContext:
     recipe: Any = None  # the whole recipe, for parts that read another section (e.g. distill.alpha)
     clock: Callable[[], float] = time.monotonic
     memory_probe: Any = None  # the resource batch policy's probe (injectable in tests)
-    load_model: Callable[[str], Any] | None = None  # a model by path or hub id, on the training device
+    load_model: Callable[..., Any] | None = None  # load_model(path, trust_remote_code=False): on the training device
     say: Callable[[str], object] = lambda _message: None  # a line for the user (main process only)
     extras: dict[str, Any] = field(default_factory=dict)  # for strategies registered from outside
 

@@ -10,18 +10,30 @@ import torch
 from conftest import tiny_llama
 
 from olm_cli.distill import (
+    DISTILLERS,
     DistillConfig,
     Distiller,
+    IncrementStart,
     LwfDistiller,
+    NoDistiller,
     StoredLogitsDistiller,
     TeacherDistiller,
-    build_distiller,
+    capture_topk,
     collate_stored,
     kd_kl,
     topk_logits,
 )
 from olm_cli.errors import RecipeError
 from olm_cli.samples import IGNORE_INDEX, collate, per_sample_loss
+from olm_cli.strategy import StrategyContext
+
+START = IncrementStart(increment=1, resuming=False, from_random_init=False)
+
+
+def build_distiller(cfg: DistillConfig, load_teacher=None, run_dir=None) -> Distiller:
+    """A distiller through the family's registry, with a context whose model loader is ``load_teacher``."""
+    load = (lambda source, **_options: load_teacher(source)) if load_teacher is not None else None
+    return DISTILLERS.build(cfg, StrategyContext(load_model=load, run_dir=run_dir))
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -67,7 +79,7 @@ def test_teacher_distiller_uses_shifted_positions_of_real_tokens() -> None:
         load_teacher=lambda src: teacher,
     )
     assert isinstance(d, TeacherDistiller)
-    d.begin_increment(student)
+    d.begin_increment(student, START)
     assert not any(p.requires_grad for p in teacher.parameters())
     b = batch()
     s_logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -96,8 +108,8 @@ def test_teacher_loaded_lazily_once() -> None:
     d = build_distiller(DistillConfig(method="teacher", teacher="hub/teacher"), load_teacher=load)
     assert calls == []
     student = tiny_llama(0)
-    d.begin_increment(student)
-    d.begin_increment(student)
+    d.begin_increment(student, START)
+    d.begin_increment(student, START)
     assert calls == ["hub/teacher"]
 
     # A resumed increment may call loss() without begin_increment: load on first use.
@@ -122,7 +134,7 @@ def test_vocab_mismatch_names_both_sizes() -> None:
         load_teacher=lambda s: tiny_llama(1, vocab=80),
     )
     with pytest.raises(RecipeError, match=r"80.*64"):
-        d.begin_increment(tiny_llama(0, vocab=64))
+        d.begin_increment(tiny_llama(0, vocab=64), START)
 
 
 def test_config_validation() -> None:
@@ -134,14 +146,16 @@ def test_config_validation() -> None:
         DistillConfig(method="lwf", temperature=0.0)
     with pytest.raises(ValueError, match="extra"):
         DistillConfig(temprature=2.0)  # type: ignore[call-arg]
-    assert build_distiller(DistillConfig(), load_teacher=lambda s: tiny_llama()) is None
+    none = build_distiller(DistillConfig())
+    assert isinstance(none, NoDistiller) and isinstance(none, Distiller)
+    assert none.loss(torch.zeros(1, 2, 4), batch()) is None and none.state_dict() == {}
 
 
 def test_lwf_teacher_is_frozen_snapshot_of_increment_start() -> None:
     student = tiny_llama(0)
     d = build_distiller(DistillConfig(method="lwf", alpha=0.5), load_teacher=lambda s: student)
     assert isinstance(d, LwfDistiller)
-    d.begin_increment(student)
+    d.begin_increment(student, START)
     teacher = d.teacher
     assert teacher is not None and teacher is not student
     before = {n: p.clone() for n, p in teacher.named_parameters()}
@@ -162,7 +176,7 @@ def test_lwf_teacher_is_frozen_snapshot_of_increment_start() -> None:
     logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert d.loss(logits, b).item() > 1e-4  # student moved, teacher did not
 
-    d.begin_increment(student)  # next increment: teacher = the trained student
+    d.begin_increment(student, START)  # next increment: teacher = the trained student
     assert d.loss(logits, b).item() == pytest.approx(0.0, abs=1e-6)
     assert d.state_dict()["snapshots"] == 2
 
@@ -184,11 +198,11 @@ def test_stored_logits_zero_on_match_positive_otherwise_and_row_mask() -> None:
         DistillConfig(method="stored_logits", topk=8), load_teacher=lambda s: student
     )
     assert isinstance(d, StoredLogitsDistiller) and isinstance(d, Distiller)
-    d.begin_increment(student)
+    d.begin_increment(student, START)
     b = batch()
     with torch.no_grad():
         logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    entries = d.capture(logits, b["attention_mask"])
+    entries = capture_topk(logits, b["attention_mask"].sum(dim=1).tolist(), 8)
     assert [e[0].shape for e in entries] == [(7, 8), (5, 8)]
     width = b["input_ids"].shape[1]
 
@@ -216,3 +230,51 @@ def test_stored_logits_zero_on_match_positive_otherwise_and_row_mask() -> None:
     assert d.loss(logits, b, None) is None
     values, indices, row_mask = collate_stored([None, entries[1]], width)
     assert row_mask.tolist() == [False, True]
+
+
+def test_lwf_keeps_its_start_model_and_distils_from_it_after_a_resume(tmp_path) -> None:
+    from olm_cli.modeling import load_pretrained
+
+    student = tiny_llama(0)
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    d = build_distiller(DistillConfig(method="lwf"), load_teacher=lambda src: load_pretrained(src), run_dir=tmp_path)
+    d.begin_increment(student, IncrementStart(increment=3, resuming=False, from_random_init=False))
+    assert (tmp_path / "increment-start" / "model.safetensors").is_file()
+    with torch.no_grad():  # training moves the student on
+        for p in student.parameters():
+            p.add_(0.1)
+
+    resumed = build_distiller(DistillConfig(method="lwf"), load_teacher=lambda src: load_pretrained(src),
+                              run_dir=tmp_path)
+    resumed.begin_increment(student, IncrementStart(increment=3, resuming=True, from_random_init=False))
+    assert resumed.teacher is not None
+    for name, p in resumed.teacher.named_parameters():
+        assert torch.equal(p, start[name]), name  # the start of the increment, not the resumed weights
+
+    # A start model kept for another increment is not used: the resumed weights are the fallback.
+    other = build_distiller(DistillConfig(method="lwf"), load_teacher=lambda src: load_pretrained(src),
+                            run_dir=tmp_path)
+    other.begin_increment(student, IncrementStart(increment=4, resuming=True, from_random_init=False))
+    moved = dict(student.named_parameters())
+    assert all(torch.equal(p, moved[n]) for n, p in other.teacher.named_parameters())
+
+
+def test_lwf_is_off_while_the_model_is_a_random_initialisation(tmp_path) -> None:
+    notes: list[str] = []
+    d = DISTILLERS.build(DistillConfig(method="lwf"), StrategyContext(run_dir=tmp_path, say=notes.append))
+    student = tiny_llama(0)
+    d.begin_increment(student, IncrementStart(increment=1, resuming=False, from_random_init=True))
+    b = batch()
+    logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert d.loss(logits, b) is None
+    assert len(notes) == 1 and "lwf is off in increment 1" in notes[0]
+    assert not (tmp_path / "increment-start").exists()
+
+
+def test_every_registered_method_builds_and_an_unknown_one_is_named() -> None:
+    for name in DISTILLERS:
+        cfg = DistillConfig(method=name, **({"teacher": "t"} if name == "teacher" else {}))
+        part = build_distiller(cfg, load_teacher=lambda src: tiny_llama())
+        assert isinstance(part, Distiller) and part.name == name
+    with pytest.raises(ValueError, match=r"unknown distill method 'lfw'; did you mean 'lwf'"):
+        DISTILLERS.check("lfw")

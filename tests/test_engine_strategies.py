@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from olm_cli.errors import RecipeError
 from olm_cli.increment import run_increment
 from olm_cli.recipe import recipe_from_dict
+from olm_cli.state_files import load_tree
 
 
 def _two_increments(tmp_path: Path, **sections: dict) -> Path:
@@ -34,7 +35,9 @@ def test_lwf_and_ewc_run_and_persist_their_state(tmp_path: Path) -> None:
     run = _two_increments(tmp_path, distill={"method": "lwf", "alpha": 0.5},
                           regularize={"method": "ewc", "strength": 10.0, "fisher_batches": 2})
     latest = run / "checkpoints" / "latest"
-    assert (latest / "regularizer").is_dir() and any((latest / "regularizer").iterdir())
+    regularizer = load_tree(latest / "parts")["regularizer"]  # the part's state_dict, with the others
+    assert regularizer["method"] == "ewc" and regularizer["estimates"] == 2
+    assert regularizer["fisher"] and set(regularizer["fisher"]) == set(regularizer["anchor"])
     assert json.loads((run / "increment-start" / "increment.json").read_text())["increment"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -1,56 +1,47 @@
-"""Forgetting countermeasures: distillation (teacher, LwF, stored logits) and weight-space
-regularisers (EWC, L2). The recipe sections for them live in
-:mod:`olm_cli.distill.config`; partial updates and LoRA themselves are in :mod:`olm_cli.partial`.
+"""Distillation: pull the student toward a teacher's output distribution (teacher, LwF, stored logits).
+
+One file per distiller, a Protocol stating the contract (:mod:`olm_cli.distill.base`) and a
+registry (:data:`DISTILLERS`) from the recipe's ``distill.method`` to the class. Weight-space
+regularisers are :mod:`olm_cli.regularize`; partial updates and LoRA are :mod:`olm_cli.partial`.
 """
 
 from __future__ import annotations
 
-from olm_cli.distill.config import DistillConfig, RegularizeConfig
+from olm_cli.distill.config import DistillConfig
+from olm_cli.distill.registry import DISTILLERS
 from olm_cli.lazy import lazy_getattr
 
 # Everything else is imported on first use, so that reading a recipe (which only needs the
 # config classes) does not import torch: `olm train` with nothing to do must return at once.
 _LAZY = {
-    "DISTILLERS": "olm_cli.distill.registry",
     "Distiller": "olm_cli.distill.base",
-    "EwcRegularizer": "olm_cli.distill.ewc",
-    "L2Regularizer": "olm_cli.distill.l2",
+    "IncrementStart": "olm_cli.distill.base",
     "LwfDistiller": "olm_cli.distill.lwf",
-    "REGULARIZERS": "olm_cli.distill.registry",
-    "Regularizer": "olm_cli.distill.base",
+    "NoDistiller": "olm_cli.distill.base",
     "StoredLogits": "olm_cli.distill.base",
     "StoredLogitsDistiller": "olm_cli.distill.stored_logits",
     "TeacherDistiller": "olm_cli.distill.teacher",
-    "build_distiller": "olm_cli.distill.registry",
-    "build_regularizer": "olm_cli.distill.registry",
+    "capture_topk": "olm_cli.distill.stored_logits",
     "collate_stored": "olm_cli.distill.kd",
-    "estimate_fisher": "olm_cli.distill.ewc",
     "kd_kl": "olm_cli.distill.kd",
     "topk_kl": "olm_cli.distill.kd",
     "topk_logits": "olm_cli.distill.kd",
     "vocab_size": "olm_cli.distill.kd",
 }
-
-
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = [
     "DISTILLERS",
-    "REGULARIZERS",
     "DistillConfig",
     "Distiller",
-    "EwcRegularizer",
-    "L2Regularizer",
+    "IncrementStart",
     "LwfDistiller",
-    "RegularizeConfig",
-    "Regularizer",
+    "NoDistiller",
     "StoredLogits",
     "StoredLogitsDistiller",
     "TeacherDistiller",
-    "build_distiller",
-    "build_regularizer",
+    "capture_topk",
     "collate_stored",
-    "estimate_fisher",
     "kd_kl",
     "topk_kl",
     "topk_logits",

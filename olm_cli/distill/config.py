@@ -1,30 +1,31 @@
-"""Recipe sections for the forgetting countermeasures: ``distill`` and ``regularize`` (``train`` is in olm_cli/partial).
+"""Recipe section ``distill``: which teacher the student is pulled toward, and how hard.
 
-They live together because they answer one question -- how much may the model move away from
-what it already knows -- and the engine reads them side by side when it builds the loss.
+Weight-space regularisers are ``regularize`` (:mod:`olm_cli.regularize.config`); partial
+updates and LoRA are ``train`` (:mod:`olm_cli.partial.config`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from olm_cli.config_base import StrategySection, for_strategies
+from olm_cli.distill.registry import DISTILLERS
+from olm_cli.strategy import Registry
 
 DISTILLING_METHODS = ("teacher", "lwf", "stored_logits")
 """Methods that add a distillation term (everything but ``none``)."""
-PENALISING_METHODS = ("ewc", "l2")
-"""Methods that add a weight-space penalty (everything but ``none``)."""
 
 
 class DistillConfig(StrategySection):
     """Knowledge distillation: pull the student toward a teacher's output distribution."""
 
+    strategy_registry: ClassVar[Registry[Any]] = DISTILLERS
     strategy_key: ClassVar[str] = "method"
     strategy_kind: ClassVar[tuple[str, str]] = ("distill method", "distill methods")
 
-    method: Literal["none", "teacher", "lwf", "stored_logits"] = Field(
+    method: Annotated[str, AfterValidator(DISTILLERS.check)] = Field(
         default="none",
         description=(
             "none: plain cross-entropy. teacher: distil from a fixed external model (`teacher`). "
@@ -68,42 +69,4 @@ class DistillConfig(StrategySection):
         if self.method == "teacher" and not self.teacher:
             raise ValueError("distill.method 'teacher' needs distill.teacher (hub id or directory)")
         return self
-
-
-class RegularizeConfig(StrategySection):
-    """Weight-space penalties that keep parameters near the previous increment's solution."""
-
-    strategy_key: ClassVar[str] = "method"
-    strategy_kind: ClassVar[tuple[str, str]] = ("regularize method", "regularize methods")
-
-    method: Literal["none", "ewc", "l2"] = Field(
-        default="none",
-        description=(
-            "none: no penalty. ewc: Elastic Weight Consolidation, lambda/2 * sum F (theta - "
-            "theta*)^2 with a diagonal Fisher F. l2: lambda/2 * sum (theta - theta*)^2."
-        ),
-    )
-    strength: float = Field(
-        default=1.0,
-        json_schema_extra=for_strategies(*PENALISING_METHODS),
-        ge=0.0,
-        description="lambda, the penalty weight added to the loss.",
-    )
-    fisher_batches: int = Field(
-        default=8,
-        json_schema_extra=for_strategies("ewc"),
-        ge=1,
-        description="ewc: number of batches used to estimate the Fisher at the end of an increment.",
-    )
-    fisher_decay: float = Field(
-        default=1.0,
-        json_schema_extra=for_strategies("ewc"),
-        ge=0.0,
-        le=1.0,
-        description=(
-            "ewc: F <- decay * F_old + F_new after each increment. 1.0 sums the Fisher of every "
-            "increment (classic multi-task EWC); below 1 older increments fade (online EWC); "
-            "0 keeps only the newest."
-        ),
-    )
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from olm_cli.distill.base import StoredLogits
+from olm_cli.distill.base import IncrementStart, StoredLogits
+from olm_cli.distill.config import DistillConfig
 from olm_cli.distill.kd import next_token_mask, topk_kl, topk_logits
+from olm_cli.strategy import StrategyContext
+
+
+def capture_topk(logits: torch.Tensor, lengths: list[int], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Top-k logits to store with each row of a batch entering the replay buffer.
+
+    The one place replay samples get their stored logits (warm-start seeding and every training
+    step): ``logits`` [B, L, V] from the model current at insertion time, each row cut to its
+    real length so the buffer never stores padding.
+    """
+    return [topk_logits(logits[row, :n].detach().float(), k) for row, n in enumerate(lengths)]
 
 
 class StoredLogitsDistiller:
@@ -19,24 +33,14 @@ class StoredLogitsDistiller:
     """
 
     name = "stored_logits"
+    needs_stored_logits = True
 
-    def __init__(self, temperature: float, topk: int) -> None:
-        self.temperature = temperature
-        self.topk = topk
+    def __init__(self, config: DistillConfig, context: StrategyContext) -> None:
+        self.temperature = config.temperature
+        self.topk = config.topk
 
-    def begin_increment(self, model: torch.nn.Module) -> None:
+    def begin_increment(self, model: torch.nn.Module, start: IncrementStart) -> None:
         pass
-
-    def capture(
-        self, logits: torch.Tensor, attention_mask: torch.Tensor
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-k entries to store with each row of a batch about to enter the replay buffer.
-
-        ``logits`` [B, L, V] from the model that is current at insertion time; each row is cut
-        to its real length (``attention_mask``) so the buffer never stores padding.
-        """
-        lengths = attention_mask.sum(dim=1).tolist()
-        return [topk_logits(logits[row, : int(n)], self.topk) for row, n in enumerate(lengths)]
 
     def loss(
         self,
@@ -62,8 +66,8 @@ class StoredLogitsDistiller:
             self.temperature,
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "topk": self.topk}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass

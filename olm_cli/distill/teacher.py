@@ -3,55 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from olm_cli.distill.base import StoredLogits
+from olm_cli.distill.base import IncrementStart, StoredLogits
+from olm_cli.distill.config import DistillConfig
 from olm_cli.distill.kd import check_same_vocab, freeze, kd_kl, next_token_mask, teacher_logits
+from olm_cli.strategy import StrategyContext
 
 
 class TeacherDistiller:
     """KL(teacher || student) at temperature T against a model loaded once, on first use.
 
-    Loading is lazy (in :meth:`begin_increment`) so that building the strategy from a recipe, e.g.
-    for ``olm validate``, never downloads or allocates a teacher.
+    Loading is lazy (in :meth:`begin_increment`, or the first :meth:`loss`) so that building the
+    strategy from a recipe never downloads or allocates a teacher. ``context.load_model`` loads
+    it on the training device with the recipe's dtype and ``distill.trust_remote_code``.
     """
 
     name = "teacher"
+    needs_stored_logits = False
 
-    def __init__(
-        self,
-        source: str,
-        temperature: float,
-        load_teacher: Callable[[str], torch.nn.Module],
-    ) -> None:
-        self.source = source
-        self.temperature = temperature
-        self._load_teacher = load_teacher
+    def __init__(self, config: DistillConfig, context: StrategyContext) -> None:
+        if not config.teacher:
+            raise ValueError("distill.method 'teacher' needs distill.teacher")
+        if context.load_model is None:
+            raise ValueError("TeacherDistiller needs context.load_model to load its teacher")
+        self.source = config.teacher
+        self.temperature = config.temperature
+        self.trust_remote_code = config.trust_remote_code
+        self._load: Callable[..., torch.nn.Module] = context.load_model
         self.teacher: torch.nn.Module | None = None
 
-    def begin_increment(self, model: torch.nn.Module) -> None:
-        if self.teacher is None:
-            self.teacher = freeze(self._load_teacher(self.source))
-        check_same_vocab(self.teacher, model, self.source)
+    def begin_increment(self, model: torch.nn.Module, start: IncrementStart) -> None:
+        check_same_vocab(self._teacher(), model, self.source)
 
-    def loss(
-        self,
-        student_logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        stored: StoredLogits | None = None,
-    ) -> torch.Tensor | None:
+    def _teacher(self) -> torch.nn.Module:
         if self.teacher is None:
-            # A resumed increment may skip begin_increment; the vocabulary is then checked on
-            # the logits themselves (kd_kl raises the same RecipeError on a size mismatch).
-            self.teacher = freeze(self._load_teacher(self.source))
-        return distil_from(self.teacher, student_logits, batch, self.temperature)
+            self.teacher = freeze(self._load(self.source, trust_remote_code=self.trust_remote_code))
+        return self.teacher
 
-    def state_dict(self) -> dict:
+    def loss(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor],
+             stored: StoredLogits | None = None) -> torch.Tensor | None:
+        # kd_kl raises the same RecipeError as check_same_vocab on a vocabulary mismatch.
+        return distil_from(self._teacher(), student_logits, batch, self.temperature)
+
+    def state_dict(self) -> dict[str, Any]:
         # The teacher is fixed and reloadable from its source; nothing else to keep.
         return {"method": self.name, "teacher": self.source}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 

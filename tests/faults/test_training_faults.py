@@ -39,6 +39,7 @@ from e2e_helpers import (
 from olm_cli import engine
 from olm_cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_SIGTERM
 from olm_cli.rundir import CheckpointManager
+from olm_cli.state_files import load_tree
 
 # End to end (every test trains through the CLI): outside the fast loop, ``-m 'not slow'``.
 pytestmark = pytest.mark.slow
@@ -444,7 +445,8 @@ def test_ewc_reads_the_recipes_text_field(tmp_path: Path) -> None:
         checkpoint = assert_nothing_lost(run_dir)
         assert trainer_state(checkpoint)["increment"] == increment
         assert trainer_state(checkpoint)["increment_complete"] is True
-        assert (checkpoint / "regularizer").is_dir()
+        regularizer = load_tree(checkpoint / "parts")["regularizer"]
+        assert regularizer["estimates"] == increment and regularizer["fisher"]  # the Fisher pass ran
     assert {status for status, _, _ in ledger_summary(run_dir).values()} == {"done"}
 
 

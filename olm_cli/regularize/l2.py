@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from olm_cli.distill.anchor import (
-    on_device,
-    read_json,
-    read_tensors,
-    snapshot,
-    trainable_parameters,
-    write_json,
-    write_tensors,
-)
+from olm_cli.regularize.anchor import on_device, snapshot, trainable_parameters
+from olm_cli.regularize.base import ConsolidationData
+from olm_cli.regularize.config import RegularizeConfig
+from olm_cli.strategy import StrategyContext
 
 
 class L2Regularizer:
@@ -27,14 +21,14 @@ class L2Regularizer:
 
     name = "l2"
 
-    def __init__(self, strength: float) -> None:
-        self.strength = strength
+    def __init__(self, config: RegularizeConfig, context: StrategyContext | None = None) -> None:
+        self.strength = config.strength
         self.anchor: dict[str, torch.Tensor] = {}
 
     def begin_increment(self, model: torch.nn.Module) -> None:
         self.anchor = snapshot(model)
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         if self.anchor:
             for name, param in trainable_parameters(model).items():
@@ -44,29 +38,15 @@ class L2Regularizer:
                 term = (diff * diff).sum()
                 total = term if total is None else total + term
         if total is None:
-            param = next(model.parameters(), None)
-            return torch.zeros((), device=param.device if param is not None else "cpu")
+            return None  # no anchor before the first increment has ended
         return 0.5 * self.strength * total
 
-    def end_increment(
-        self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]
-    ) -> None:
+    def end_increment(self, model: torch.nn.Module, data: ConsolidationData) -> None:
         # The weights at the end of this increment are what the next one is pulled toward.
         self.anchor = snapshot(model)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "anchor": dict(self.anchor)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor = dict(state.get("anchor", {}))
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_tensors(directory / "l2_anchor.safetensors", self.anchor)
-        write_json(directory / "l2.json", {"method": self.name, "strength": self.strength})
-
-    def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        read_json(directory / "l2.json")
-        self.anchor = read_tensors(directory / "l2_anchor.safetensors")

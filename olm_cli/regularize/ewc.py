@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from olm_cli.distill.anchor import (
-    on_device,
-    read_json,
-    read_tensors,
-    snapshot,
-    trainable_parameters,
-    write_json,
-    write_tensors,
-)
+from olm_cli.regularize.anchor import on_device, snapshot, trainable_parameters
+from olm_cli.regularize.base import ConsolidationData
+from olm_cli.regularize.config import RegularizeConfig
 from olm_cli.samples import per_sample_loss
+from olm_cli.strategy import StrategyContext
 
 
 class EwcRegularizer:
@@ -32,10 +26,10 @@ class EwcRegularizer:
 
     name = "ewc"
 
-    def __init__(self, strength: float, fisher_batches: int, fisher_decay: float) -> None:
-        self.strength = strength
-        self.fisher_batches = fisher_batches
-        self.fisher_decay = fisher_decay
+    def __init__(self, config: RegularizeConfig, context: StrategyContext | None = None) -> None:
+        self.strength = config.strength
+        self.fisher_batches = config.fisher_batches
+        self.fisher_decay = config.fisher_decay
         self.anchor: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] = {}
         self.estimates = 0
@@ -43,7 +37,7 @@ class EwcRegularizer:
     def begin_increment(self, model: torch.nn.Module) -> None:
         self.anchor = snapshot(model)
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         if self.fisher and self.anchor:
             for name, param in trainable_parameters(model).items():
@@ -55,13 +49,11 @@ class EwcRegularizer:
                 term = (fisher * diff * diff).sum()
                 total = term if total is None else total + term
         if total is None:
-            return _zero(model)
+            return None  # no Fisher before the first increment has ended
         return 0.5 * self.strength * total
 
-    def end_increment(
-        self, model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]
-    ) -> None:
-        new = estimate_fisher(model, itertools.islice(batches, self.fisher_batches))
+    def end_increment(self, model: torch.nn.Module, data: ConsolidationData) -> None:
+        new = estimate_fisher(model, data(self.fisher_batches))
         if not new:
             return
         combined = {name: self.fisher_decay * f for name, f in self.fisher.items()}
@@ -73,7 +65,7 @@ class EwcRegularizer:
         # The Fisher was measured here, so this is the point the next increment is pulled back to.
         self.anchor = snapshot(model)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.name,
             "estimates": self.estimates,
@@ -81,33 +73,10 @@ class EwcRegularizer:
             "fisher": dict(self.fisher),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.estimates = int(state.get("estimates", 0))
         self.anchor = dict(state.get("anchor", {}))
         self.fisher = dict(state.get("fisher", {}))
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_tensors(directory / "ewc_fisher.safetensors", self.fisher)
-        write_tensors(directory / "ewc_anchor.safetensors", self.anchor)
-        write_json(
-            directory / "ewc.json",
-            {
-                "method": self.name,
-                "estimates": self.estimates,
-                "strength": self.strength,
-                "fisher_decay": self.fisher_decay,
-                "fisher_batches": self.fisher_batches,
-            },
-        )
-
-    def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        meta = read_json(directory / "ewc.json")
-        self.estimates = int(meta.get("estimates", 0))
-        self.fisher = read_tensors(directory / "ewc_fisher.safetensors")
-        self.anchor = read_tensors(directory / "ewc_anchor.safetensors")
 
 
 def estimate_fisher(
@@ -144,8 +113,3 @@ def estimate_fisher(
     if count == 0:
         return {}
     return {name: s / count for name, s in sums.items()}
-
-
-def _zero(model: torch.nn.Module) -> torch.Tensor:
-    param = next(model.parameters(), None)
-    return torch.zeros((), device=param.device if param is not None else "cpu")

@@ -1,0 +1,67 @@
+"""After an increment: evaluate every domain, then publish the release behind the gate.
+
+One path for both ways an increment ends: right after its final checkpoint (the engine), and on
+the next run when a crash came between that checkpoint and its release (``olm train`` finds the
+release missing and calls :func:`publish_pending_release`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olm_cli.recipe import Recipe
+from olm_cli.rundir.checkpoint import loading_checkpoint
+
+
+def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, *, increment: int, step: int,
+                         checkpoint: Path, trained: dict[str, int], tokens_trained: int,
+                         state_dict: Any = None, console: Any = None) -> Any:
+    """Evaluate every domain (a row of the matrix), then publish the increment's release behind the gate.
+
+    Returns the :class:`~olm_cli.release.ReleaseResult`, or None when releases are off. Also used
+    when a run died between an increment's checkpoint and its release (see
+    :func:`publish_pending_release`), so both paths publish exactly the same way.
+    """
+    from olm_cli.evaluation.domains import record_increment_eval
+    from olm_cli.release import publish_release
+
+    run_dir = Path(recipe.run.dir)
+    results = None
+    if recipe.eval.after_increment and recipe.eval.sets:
+        if console is not None:
+            console.print(f"evaluating {len(recipe.eval.sets)} domain(s) after increment {increment}")
+        results = record_increment_eval(run_dir, recipe, model, tokenizer, increment=increment, trained=trained,
+                                        step=step, console=console)
+    if not recipe.release.enabled:
+        return None
+    result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step, checkpoint=checkpoint,
+                             eval_results=results, tokens_trained=tokens_trained, state_dict=state_dict)
+    # A refusal is the caller's last line (and exit code 3); a release is reported here.
+    if console is not None and result.released:
+        console.print(result.message, highlight=False)
+    return result
+
+
+def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, Any], console: Any = None) -> Any:
+    """Finish an increment whose checkpoint is complete but whose release was never attempted.
+
+    A crash (or a full disk) between the final checkpoint and the release would otherwise leave
+    serving on the previous release for good: the next run finds nothing new and exits 0.
+    """
+    from olm_cli.modeling import load_pretrained, load_tokenizer
+
+    if console is not None:
+        console.print(f"increment {state['increment']} was checkpointed ({checkpoint.name}) but not released; "
+                      "evaluating and releasing it now")
+    with loading_checkpoint(checkpoint, "the model or tokenizer"):
+        model = load_pretrained(str(checkpoint), dtype=recipe.model.dtype)
+        tokenizer = load_tokenizer(str(checkpoint))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return evaluate_and_release(recipe, model, tokenizer, increment=int(state["increment"]),
+                                step=int(state["global_step"]), checkpoint=checkpoint,
+                                trained=dict(state.get("domain_tokens", {})),
+                                tokens_trained=int(state.get("total_tokens", 0)), console=console)
