@@ -34,7 +34,7 @@ from olm_cli.batching import StepStats
 from olm_cli.data import BlockStream, discover_shards, is_dataset_source
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
-from olm_cli.distill.stored_logits import capture_topk
+from olm_cli.distill.kd import capture_topk
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.modeling import save_tokenizer
 from olm_cli.recipe import Recipe

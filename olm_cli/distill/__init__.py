@@ -21,7 +21,7 @@ _LAZY = {
     "StoredLogits": "olm_cli.distill.base",
     "StoredLogitsDistiller": "olm_cli.distill.stored_logits",
     "TeacherDistiller": "olm_cli.distill.teacher",
-    "capture_topk": "olm_cli.distill.stored_logits",
+    "capture_topk": "olm_cli.distill.kd",
     "collate_stored": "olm_cli.distill.kd",
     "kd_kl": "olm_cli.distill.kd",
     "topk_kl": "olm_cli.distill.kd",

@@ -99,6 +99,16 @@ def topk_logits(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def capture_topk(logits: torch.Tensor, lengths: list[int], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Top-k logits to store with each row of a batch entering the replay buffer.
+
+    The one place replay samples get their stored logits (warm-start seeding and every training
+    step): ``logits`` [B, L, V] from the model current at insertion time, each row cut to its
+    real length so the buffer never stores padding.
+    """
+    return [topk_logits(logits[row, :n].detach().float(), k) for row, n in enumerate(lengths)]
+
+
 def collate_stored(
     entries: list[tuple[np.ndarray, np.ndarray] | None], width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from olm_cli.distill.base import IncrementStart, StoredLogits
 from olm_cli.distill.config import DistillConfig
-from olm_cli.distill.kd import next_token_mask, topk_kl, topk_logits
+from olm_cli.distill.kd import next_token_mask, topk_kl
 from olm_cli.strategy import StrategyContext
-
-
-def capture_topk(logits: torch.Tensor, lengths: list[int], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Top-k logits to store with each row of a batch entering the replay buffer.
-
-    The one place replay samples get their stored logits (warm-start seeding and every training
-    step): ``logits`` [B, L, V] from the model current at insertion time, each row cut to its
-    real length so the buffer never stores padding.
-    """
-    return [topk_logits(logits[row, :n].detach().float(), k) for row, n in enumerate(lengths)]
 
 
 class StoredLogitsDistiller:
