@@ -120,8 +120,19 @@ def load_pretrained(
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM from a hub id, a local directory or a GGUF file inside it.
+
+    A plain Module is all that training and evaluation use, and it keeps transformers' typing of
+    ``PreTrainedModel.to`` (an unbound functools.wraps) away from every ``model.to(device)``; the
+    GGUF cache, which needs ``save_pretrained``, calls :func:`_load_hf_model` itself.
+    """
+    return _load_hf_model(source, dtype, gguf_file, revision, trust_remote_code)
+
+
+def _load_hf_model(
+    source: str, dtype: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool
 ) -> PreTrainedModel:
-    """Load a causal LM from a hub id, a local directory or a GGUF file inside it."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _source_kwargs(gguf_file, revision, trust_remote_code)
@@ -282,13 +293,7 @@ def load_source(
         say(f"de-quantising {cfg.gguf_file} (once per run directory; this can take minutes)")
     else:
         say(f"loading the model from {cfg.name_or_path}")
-    model = load_pretrained(
-        cfg.name_or_path,
-        dtype=cfg.dtype,
-        gguf_file=cfg.gguf_file,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    model = _load_hf_model(cfg.name_or_path, cfg.dtype, cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.name_or_path,
         gguf_file=None if cfg.tokenizer else cfg.gguf_file,
