@@ -268,6 +268,10 @@ class Recipe(BaseModel):
 class DuplicateKeyError(yaml.MarkedYAMLError):
     """A mapping names the same key twice; plain YAML would silently keep the last one."""
 
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.line = mark.line + 1  # 1-based, as editors count
+
 
 class RecipeLoader(yaml.SafeLoader):
     """``yaml.safe_load`` semantics, except that a key repeated in one mapping is an error.
@@ -290,10 +294,15 @@ class RecipeLoader(yaml.SafeLoader):
                 continue
             if earlier is not key_node:
                 raise DuplicateKeyError(
-                    problem=f"duplicate key {key!r} (first at line {earlier.start_mark.line + 1})",
-                    problem_mark=key_node.start_mark,
+                    f"duplicate key {key!r} (first at line {earlier.start_mark.line + 1})", key_node.start_mark
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's one-line reason: a marked error's ``problem``, else the message's first line."""
+    problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None
+    return problem or (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 # --------------------------------------------------------------------------- overrides
@@ -310,7 +319,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({_yaml_problem(exc)})") from exc
     # YAML 1.1 reads "3e-4" as a string; a recipe value that looks numeric is meant as a number.
     if isinstance(value, str):
         try:
@@ -392,12 +401,11 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None, *, written
     try:
         data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except DuplicateKeyError as exc:
-        raise RecipeError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
+        raise RecipeError(f"{path}:{exc.line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}{where}: malformed YAML: {problem}") from None
+        raise RecipeError(f"{path}{where}: malformed YAML: {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
