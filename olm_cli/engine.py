@@ -68,17 +68,18 @@ def lr_multiplier(step: int, *, warmup: int, horizon: int, schedule: str, min_ra
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": recipe.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # The fused kernel (CPU and CUDA) does the whole update in one pass per group.
-    fused = all(p.is_floating_point() for group in groups for p in group["params"])
+    fused = all(p.is_floating_point() for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.eps, fused=fused)
 
 
@@ -237,6 +238,7 @@ class Trainer:
     def _resume_increment(self) -> None:
         """The rest of an interrupted increment: data position and generators as checkpointed."""
         assert self.latest is not None
+        assert self.state.stream is not None, "a mid-increment checkpoint always holds the data position"
         self.stream.load_state_dict(self.state.stream)
         with loading_checkpoint(self.latest, "the RNG state"):
             restore_rng(load_tree(self.latest / "rng"))
@@ -453,7 +455,8 @@ class Trainer:
                         )
                     if not torch.isfinite(loss):
                         value = float(loss.detach())
-                        return self._skip_batch(f"non-finite loss ({value})", loss=value)
+                        self._skip_batch(f"non-finite loss ({value})", loss=value)
+                        return None
                     accelerator.backward(loss)
                     total += float(loss.detach())
                     per_sample[chunk] = row_loss.detach().float().cpu().numpy()

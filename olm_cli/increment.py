@@ -121,7 +121,7 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
 
     # Every shard the carried position has opened is the stream's business: its unread part is
     # in carried_shards, its read-but-untrained blocks are pending. Never plan it afresh.
-    carried_set = {str(p) for p in carried["shards"]} if plan.carried_state else set()
+    carried_set = {str(p) for p in plan.carried_state["shards"]} if plan.carried_state else set()
     limit = recipe.run.max_shards_per_increment
     shards: list[Path] = list(carried_shards)
     for entry in ledger.plan(None):
@@ -129,14 +129,14 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
             continue
         if limit is not None and len(shards) >= limit:
             break
-        path = Path(entry.path)
+        shard = Path(entry.path)
         try:
-            validate_shard(path, shard_format(path, recipe.data.format), recipe.data.text_field)
+            validate_shard(shard, shard_format(shard, recipe.data.format), recipe.data.text_field)
         except DataError as exc:
             ledger.quarantine(entry.path, str(exc))
             say(f"[yellow]quarantined:[/] {exc}")
             continue
-        shards.append(path)
+        shards.append(shard)
     if main_process:
         ledger.save()
     plan.shards = shards

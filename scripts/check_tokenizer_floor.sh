@@ -5,7 +5,7 @@
 # by olm_cli.modeling.save_tokenizer in that venv. Usage: bash scripts/check_tokenizer_floor.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FLOOR="${OLM_TF_FLOOR_VENV:-/tmp/olm-tf-floor}"
+FLOOR="${OLM_TF_FLOOR_VENV:-.venv-tf-floor}"
 if [ ! -x "$FLOOR/bin/python" ]; then
   .venv/bin/python -m venv "$FLOOR"
   "$FLOOR/bin/pip" install --quiet "transformers==4.46.*"

@@ -7,6 +7,7 @@ anything that reads them (``from_pretrained``, ``olm merge``, serving) never nee
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -56,7 +57,8 @@ def model_for_save(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not is_peft(model):
         return model
-    merged = copy.deepcopy(model).merge_and_unload()
+    peft_model: Any = copy.deepcopy(model)  # a PeftModel: merge_and_unload is its own method
+    merged: torch.nn.Module = peft_model.merge_and_unload()
     for param in merged.parameters():
         param.requires_grad_(False)
     return merged

@@ -337,7 +337,7 @@ def config_files(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.startswith("tokenizer")]
 
 
-FLOOR_PYTHON = Path(os.environ.get("OLM_TF_FLOOR_PYTHON", "/tmp/olm-tf-floor/bin/python"))
+FLOOR_PYTHON = Path(os.environ.get("OLM_TF_FLOOR_PYTHON", str(REPO / ".venv-tf-floor" / "bin" / "python")))
 
 
 @pytest.mark.slow
