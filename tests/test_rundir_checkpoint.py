@@ -103,6 +103,50 @@ def test_enospc_midway_leaves_previous_checkpoint_untouched(manager: CheckpointM
     manager.verify(good, deep=True)
 
 
+def test_staged_checkpoint_is_published_with_what_the_stage_wrote(manager: CheckpointManager):
+    """The replay snapshot is staged in the training thread, the rest written later (async checkpoints)."""
+    previous = manager.save(1, writer("one"))
+
+    def replay(directory: Path) -> None:
+        (directory / "replay").mkdir()
+        (directory / "replay" / "MANIFEST.json").write_text("{}")
+
+    tmp = manager.stage(2, replay)
+    assert manager.latest() == previous  # nothing is visible before save
+    assert tmp.name.startswith(".tmp-step-") and (tmp / "replay" / "MANIFEST.json").is_file()
+
+    def rest(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"w" * 10)
+
+    path = manager.save(2, rest, staged=True)
+
+    assert manager.latest() == path
+    files = {item["path"] for item in json.loads((path / "MANIFEST.json").read_text())["files"]}
+    assert files == {"model.safetensors", "replay/MANIFEST.json"}
+    assert not tmp.exists()
+
+
+def test_failed_stage_or_staged_save_leaves_nothing_behind(manager: CheckpointManager):
+    good = manager.save(1, writer("one"))
+
+    def no_space(directory: Path) -> None:
+        (directory / "replay").mkdir()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(CheckpointError, match=r"^could not write checkpoint step-00000002: No space left on device"):
+        manager.stage(2, no_space)
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
+
+    manager.stage(3, lambda directory: (directory / "parts.json").write_text("{}"))
+    with pytest.raises(CheckpointError, match=r"^could not write checkpoint step-00000003: No space left on device"):
+        manager.save(3, no_space, staged=True)
+    assert sorted(p.name for p in manager.root.iterdir()) == ["latest", "step-00000001"]
+    assert manager.latest() == good
+    # A save that was never staged is a bug in the caller, reported, not published empty.
+    with pytest.raises(CheckpointError, match="was not staged"):
+        manager.save(4, writer("four"), staged=True)
+
+
 def test_failing_fsync_is_a_checkpoint_error_and_nothing_moves(
     manager: CheckpointManager, monkeypatch
 ):

@@ -248,24 +248,46 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ writing
 
+    def stage(self, step: int, write: Callable[[Path], object]) -> Path:
+        """Start checkpoint ``step`` now: a fresh temp directory, ``write(tmp)`` run into it.
+
+        For state that must be written at the step boundary, in the training thread, while
+        the rest of the checkpoint is written later (``save(..., staged=True)``, maybe in
+        another thread): the replay buffer's snapshot reads the live buffer. A failure removes
+        the temp directory and is reported like :meth:`save` reports one.
+        """
+        name = checkpoint_name(step)
+        tmp = self._tmp_dir(step)
+        try:
+            self._fresh_dir(tmp)
+            write(tmp)
+        except BaseException as exc:
+            written = _tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = self._write_error(name, exc, self._latest_target(), written)
+            if error is None:
+                raise
+            raise error from exc
+        return tmp
+
     def save(
         self,
         step: int,
         write: Callable[[Path], object],
         *,
         metadata: Mapping[str, Any] | None = None,
+        staged: bool = False,
     ) -> Path:
         """Write, verify and publish checkpoint ``step``; return its final directory.
 
         On any failure the temp directory is removed and the previous checkpoint and
         ``latest`` are left untouched. An ``OSError`` (a full disk, say), or the way
         ``torch.save``/``safetensors`` report one, becomes a :class:`CheckpointError`;
-        anything else (a bug in ``write``, Ctrl-C) propagates as is.
+        anything else (a bug in ``write``, Ctrl-C) propagates as is. ``staged``: the temp
+        directory was begun by :meth:`stage` and ``write`` adds to what it holds.
         """
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
         name = checkpoint_name(step)
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}"
+        tmp = self._tmp_dir(step)
         final = self.root / name
         trash = self.root / f"{_TRASH_PREFIX}{step:08d}"
         previous = self._latest_target()
@@ -273,10 +295,10 @@ class CheckpointManager:
         trashed = False  # an older final/ of the same step was moved to trash/
         linked = False  # latest was moved to final/
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            if not staged:
+                self._fresh_dir(tmp)
+            elif not tmp.is_dir():
+                raise FileNotFoundError(f"{tmp} was not staged")
             write(tmp)
             apply_umask(tmp)  # libraries write some files 0600 (safetensors); honour the umask
             manifest = {
@@ -312,16 +334,35 @@ class CheckpointManager:
                     shutil.rmtree(final, ignore_errors=True)
                 if trashed:
                     os.rename(trash, final)
-            failure = write_failure(exc)
-            if failure is None:
+            error = self._write_error(name, exc, previous, written)
+            if error is None:
                 raise
-            if is_no_space(exc):
-                failure = f"No space left on device ({self._space_note(previous, written)})"
-            raise CheckpointError(f"could not write checkpoint {name}: {failure}") from exc
+            raise error from exc
         if trashed:
             shutil.rmtree(trash, ignore_errors=True)
         self.prune()
         return final
+
+    def _tmp_dir(self, step: int) -> Path:
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return self.root / f"{_TMP_PREFIX}{step:08d}"
+
+    def _fresh_dir(self, tmp: Path) -> None:
+        """An empty ``tmp`` (what a killed writer left there is removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    def _write_error(self, name: str, exc: BaseException, previous: Path | None, written: int) -> CheckpointError | None:
+        """The one-line CheckpointError for a failed write of checkpoint ``name``; None for a bug or Ctrl-C."""
+        failure = write_failure(exc)
+        if failure is None:
+            return None
+        if is_no_space(exc):
+            failure = f"No space left on device ({self._space_note(previous, written)})"
+        return CheckpointError(f"could not write checkpoint {name}: {failure}")
 
     def _space_note(self, previous: Path | None, written: int) -> str:
         """``needs about X, Y free on ROOT``: what a full disk must make room for.
