@@ -31,7 +31,7 @@ import torch
 import transformers
 
 from olm_cli.batching import StepStats
-from olm_cli.data import BlockStream, discover_shards, is_dataset_source
+from olm_cli.data import BlockStream, discover_shards, is_dataset_source, rebase_position
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
@@ -138,7 +138,8 @@ class Trainer:
         self._setup_parts()  # strategies, built from (config, context); the partial-update plan wraps the model
         model = self.partial.prepare(model, self.state.increment)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
-        self.stream = self._make_stream()
+        # The training stream quarantines the rest of a shard at a bad record (the ledger is told).
+        self.stream = self._make_stream(bad_records="quarantine")
         self.stream.warn = lambda message: self._say(f"[yellow]warning:[/] {message}")
         if self.latest is not None:
             self._restore_parts(self.latest)
@@ -212,7 +213,7 @@ class Trainer:
         """A new increment: its data position, schedule, seeds, and every part's start."""
         recipe, state = self.recipe, self.state
         if self.plan.carried_state is not None:
-            self.stream.load_state_dict(_rebase_stream_state(self.plan.carried_state, self.shard_plan))
+            self.stream.load_state_dict(rebase_position(self.plan.carried_state, self.shard_plan))
         if self.latest is None or recipe.optim.reset_optimizer:
             self.optimizer.state.clear()
         self._say(f"increment {state.increment}: {len(self.shard_plan)} shard(s), "
@@ -250,7 +251,7 @@ class Trainer:
         return IncrementStart(increment=self.state.increment, resuming=self.resuming,
                               from_random_init=self.recipe.model.init == "scratch" and self.state.increment == 1)
 
-    def _make_stream(self, shards: list[Path] | None = None) -> BlockStream:
+    def _make_stream(self, shards: list[Path] | None = None, *, bad_records: str = "raise") -> BlockStream:
         """A block stream over ``shards`` (default: this increment's plan) with the recipe's data settings."""
         data = self.recipe.data
         return BlockStream(
@@ -265,45 +266,73 @@ class Trainer:
             min_block_tokens=data.min_block_tokens,
             max_document_tokens=data.max_document_tokens,
             long_documents=data.long_documents,
-            warn=None,  # only the training stream reports long documents (see setup)
+            warn=None,  # only the training stream reports long documents and bad records (see setup)
+            bad_records=bad_records,
         )
 
     def _horizon(self) -> int:
         """Schedule length of this increment: the recipe's budget, or one pass over the plan.
 
-        The blocks the plan will yield are counted (tokenising is cheap next to training), at most
-        as many as the budget needs, so a budget longer than the data is reported and the cosine
-        is planned on the steps that will really run instead of ending early at a high rate.
+        No second tokenisation pass: the stream reads its first unit and estimates the blocks
+        to come from the shards' bytes and the tokens per byte it has seen (exact once it has
+        read everything; :meth:`_correct_horizon` re-estimates after every step). A budget
+        longer than the data is reported, and the cosine is planned on the steps that will
+        really run instead of ending early at a high rate. A ``datasets`` source has no size:
+        with a budget its horizon is the budget, without one its blocks are counted.
         """
-        run, batch = self.recipe.run, self.recipe.batch
-        new_share = 1.0 - self.recipe.replay.ratio
-        per_step = batch.size * new_share * self.selector.pool_factor  # new blocks consumed per step
+        run = self.recipe.run
         budget: int | None = None
         if run.max_steps is not None:
             budget = run.max_steps
         elif run.max_tokens is not None:
-            budget = max(1, math.ceil(run.max_tokens / (batch.size * self.recipe.data.block_size)))
-        if budget is not None and any(is_dataset_source(p) for p in self.shard_plan):
-            return budget  # an endless stream: reading it twice to count would cost a second download
-        cap = None if budget is None else math.ceil(budget * per_step)
+            budget = max(1, math.ceil(run.max_tokens / (self.recipe.batch.size * self.recipe.data.block_size)))
+        blocks = self.stream.remaining_blocks_estimate()
+        if blocks is None:  # a streamed dataset
+            if budget is not None:
+                return budget  # an endless stream: reading it twice to count would cost a second download
+            blocks = self._count_blocks()
+        in_data = max(1, math.ceil(blocks / self._new_blocks_per_step()))
+        if budget is None or in_data >= budget:
+            return budget or in_data
+        key = "run.max_steps" if run.max_steps is not None else "run.max_tokens"
+        value = run.max_steps if run.max_steps is not None else run.max_tokens
+        self._say(f"[yellow]warning:[/] {key}={value} is more than this increment's data holds "
+                  f"({round(blocks):,} blocks, about {in_data:,} steps); the schedule is planned on {in_data:,} steps")
+        return in_data
+
+    def _new_blocks_per_step(self) -> float:
+        return self.recipe.batch.size * (1.0 - self.recipe.replay.ratio) * self.selector.pool_factor
+
+    def _count_blocks(self) -> float:
+        """Read a ``datasets`` source once to count its blocks (it has no byte size to estimate from)."""
         self._say("counting the blocks of this increment to plan its schedule")
         counter = self._make_stream()
         counter.load_state_dict(self.stream.state_dict())
         blocks = 0
-        while (cap is None or blocks < cap) and (chunk := counter.take(1024 if cap is None else min(1024, cap - blocks))):
+        while chunk := counter.take(1024):
             blocks += len(chunk)
             if self.stop is not None and self.stop.requested:
                 break  # train() stops before the first step; the estimate no longer matters
-        in_data = max(1, math.ceil(blocks / per_step))
-        if budget is None:
-            return in_data
-        if cap is not None and blocks < cap:
-            key = "run.max_steps" if run.max_steps is not None else "run.max_tokens"
-            value = run.max_steps if run.max_steps is not None else run.max_tokens
-            self._say(f"[yellow]warning:[/] {key}={value} is more than this increment's data holds "
-                      f"({blocks:,} blocks, about {in_data:,} steps); the schedule is planned on {in_data:,} steps")
-            return in_data
-        return budget
+        return float(blocks)
+
+    def _correct_horizon(self) -> None:
+        """Re-estimate the schedule from what the stream has read so far (exact at the end of the data).
+
+        Deterministic in the stream's position, so a resumed run corrects it the same way.
+        """
+        remaining = self.stream.remaining_blocks_estimate()
+        run = self.recipe.run
+        if remaining is None:
+            return
+        horizon = self.state.step + math.ceil(remaining / self._new_blocks_per_step())
+        if run.max_steps is not None:
+            horizon = min(horizon, run.max_steps)
+        elif run.max_tokens is not None:
+            horizon = min(horizon, max(1, math.ceil(run.max_tokens / (self.recipe.batch.size * self.recipe.data.block_size))))
+        horizon = max(horizon, self.state.step, 1)
+        if horizon != self.state.horizon:
+            self.state.horizon = horizon
+            self._set_lr()
 
     def _seed_replay(self) -> None:
         """Warm-start the replay buffer from ``replay.seed_from`` (a brand-new run only)."""
@@ -509,14 +538,23 @@ class Trainer:
             self.replay.update_scores([r.id for r in replayed], [float(s) for s in per_sample[n:]])
         for block in new_blocks:
             state.domain_tokens[block.domain] = state.domain_tokens.get(block.domain, 0) + len(block)
-            if block.shard in self.ledger:
-                self.ledger.add_tokens(block.shard, len(block))
+            for shard, tokens in block.token_spans():  # a block may hold the tail of one shard and the next's head
+                if shard in self.ledger:
+                    self.ledger.add_tokens(shard, tokens)
         self._mark_finished_shards()
+        self._correct_horizon()
         return step_tokens
 
     def _mark_finished_shards(self) -> None:
+        """Shards whose last token has been trained: done, or quarantined at a bad record (its
+        earlier records stay trained and counted)."""
         for shard in self.stream.take_finished_shards():
-            if shard in self.ledger:
+            if shard not in self.ledger:
+                continue
+            problem = self.stream.shard_problem(shard)
+            if problem is not None:
+                self.ledger.quarantine(shard, problem)
+            else:
                 self.ledger.mark_done(shard, 0, self.state.increment, long_documents=self.stream.long_document_counts(shard))
 
     def _increment_done(self) -> bool:
@@ -627,7 +665,7 @@ class Trainer:
             np.random.set_state(state)
         if not tokens:
             # The increment's own data, read with the recipe's data settings (also a streamed dataset).
-            tokens = [b.tokens for b in self._make_stream().take(n * size)]
+            tokens = [b.tokens for b in self._make_stream(bad_records="quarantine").take(n * size)]
         device = self.accelerator.device
         return [{k: v.to(device) for k, v in collate(tokens[i : i + size], self.pad_id).items()}
                 for i in range(0, min(len(tokens), n * size), size)]
@@ -819,11 +857,3 @@ def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:
     if not bad:
         return row
     return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
-
-
-def _rebase_stream_state(state: dict[str, Any], plan: list[Path]) -> dict[str, Any]:
-    """Continue a previous increment's data position with a longer shard plan."""
-    rebased = dict(state)
-    rebased["shards"] = [str(p) for p in plan]
-    rebased["shard_index"] = 0
-    return rebased

@@ -14,7 +14,14 @@ from typing import Any
 
 from rich.markup import escape
 
-from olm_cli.data import dataset_source, discover_shards, shard_format, validate_shard
+from olm_cli.data import (
+    check_shard,
+    dataset_source,
+    discover_shards,
+    position_has_work,
+    position_unread_shards,
+    shard_format,
+)
 from olm_cli.errors import (
     EXIT_NOT_RELEASED,
     EXIT_OK,
@@ -75,8 +82,9 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
     """Decide what this invocation trains: the rest of an interrupted increment, or a new one.
 
     A new increment takes the data left over by the previous one (it stopped at its step budget
-    inside a shard) plus the shards the ledger has not seen, validated up front so that bad files
-    are quarantined with a reason instead of failing halfway through training. Under several
+    inside a shard) plus the shards the ledger has not seen, checked cheaply up front (the head
+    of each file, a parquet footer) so that unusable files are quarantined with a reason before
+    training; a bad record further in is found, and quarantined, while training reads it. Under several
     processes every rank plans (they reach the same answer); only the main one writes.
     ``fallback`` carries the checkpoints an earlier attempt found unusable (see run_increment);
     the caller reports them (``fallback.warnings()``) once its choice has loaded.
@@ -97,9 +105,9 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
         return plan
 
     carried = state.get("stream") if state else None
-    carried_shards = [Path(p) for p in carried["shards"][carried["shard_index"] :]] if carried else []
-    # Blocks already cut but not trained when the last increment hit its budget are kept too.
-    if carried and (carried_shards or carried["pending"]):
+    carried_shards = [Path(p) for p in position_unread_shards(carried)] if carried else []
+    # Blocks already cut (or tokens in the carry) when the last increment hit its budget are kept too.
+    if carried and position_has_work(carried):
         plan.carried_state = carried
     if recipe.data.dataset:
         # A streamed dataset is one endless source: continue from the saved position.
@@ -131,7 +139,9 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
             break
         shard = Path(entry.path)
         try:
-            validate_shard(shard, shard_format(shard, recipe.data.format), recipe.data.text_field)
+            # A few kilobytes per shard; a bad record further in quarantines the rest of its
+            # shard when training reads it (docs/run-directory.md, "Bad records").
+            check_shard(shard, shard_format(shard, recipe.data.format), recipe.data.text_field)
         except DataError as exc:
             ledger.quarantine(entry.path, str(exc))
             say(f"[yellow]quarantined:[/] {exc}")

@@ -82,5 +82,7 @@ class IncrementPlan:
 
     @property
     def has_work(self) -> bool:
-        leftover = bool(self.carried_state and self.carried_state["pending"])
+        from olm_cli.data import position_has_work
+
+        leftover = position_has_work(self.carried_state)
         return self.resuming or bool(self.shards) or leftover

@@ -1,8 +1,9 @@
 """The unit of training data that flows between the stream, selectors, replay and the engine.
 
 A :class:`Block` is one packed sequence of at most ``block_size`` token ids plus where it came
-from. Blocks are variable-length only at the end of a shard (the tail is not padded into the
-next shard, so a block never mixes domains).
+from. A block may hold the tail of one shard and the head of the next (of the same domain: a
+block never mixes domains); ``spans`` says how many of its tokens came from which shard.
+Blocks are shorter than ``block_size`` only at the end of an increment's data.
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Block:
-    """One training sample: token ids (int32) and their provenance."""
+    """One training sample: token ids (int32) and their provenance.
+
+    ``shard`` is the shard of the first token (what replay and selectors report); ``spans``,
+    when set, is ``((shard, n_tokens), ...)`` in token order, for the ledger's per-shard counts.
+    """
 
     tokens: np.ndarray
     shard: str
     domain: str
+    spans: tuple[tuple[str, int], ...] | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def token_spans(self) -> tuple[tuple[str, int], ...]:
+        """Where the tokens came from: ``spans``, or every token from ``shard``."""
+        return self.spans if self.spans is not None else ((self.shard, len(self)),)
 
 
 def collate(token_lists: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:

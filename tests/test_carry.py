@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import add_shard, tiny_recipe
 from transformers import AutoTokenizer
 
-from olm_cli.data import BlockStream
+from olm_cli.data import BlockStream, position_has_work, position_unread_shards
 from olm_cli.increment import run_increment
 from olm_cli.recipe import recipe_from_dict
 
@@ -31,7 +31,7 @@ def test_budget_cut_after_the_last_shard_was_read_carries_only_its_pending_block
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ref" / "checkpoints" / "latest")
 
     # With one block per step, stopping one step before the end leaves only the shard's tail:
-    # the end-of-increment read-ahead hits the end of the file and the tail stays pending. That
+    # the end-of-increment read-ahead hits the end of the file and the tail stays in the carry. That
     # shard must then not be planned again from its start.
     stream = BlockStream([shard], tokenizer, block_size=32, domain_pattern=PATTERN)
     blocks = stream.take(100_000)
@@ -43,7 +43,9 @@ def test_budget_cut_after_the_last_shard_was_read_carries_only_its_pending_block
     first = run_increment(budget)
     assert first.steps == cut
     carried = json.loads((Path(first.checkpoint) / "trainer_state.json").read_text())["stream"]
-    assert carried["shard_index"] == 1 and len(carried["pending"]) == 1  # the case under test
+    # The case under test: every shard read, only the tail (in the packer's carry) left.
+    assert position_unread_shards(carried) == [] and position_has_work(carried)
+    assert carried["unit"]["carry"] and not carried["unit"]["blocks"]
     one_pass = recipe_from_dict(tiny_recipe(tmp_path, batch=one_block))
     second = run_increment(one_pass)
     assert second.status == "increment_complete" and second.steps >= 1

@@ -90,9 +90,10 @@ def test_one_huge_record_trains_and_sigterm_is_honoured_within_seconds(tmp_path:
     assert "stopped by signal" in output, output
 
     state = trainer_state(latest(run_dir))
-    stream = state["stream"]
-    # The checkpoint stores where it was inside the record, not the rest of its text.
-    assert stream["document"] is not None and 0 < stream["document"]["offset"] < HUGE_RECORD_CHARS
+    document = state["stream"]["unit"]["document"]
+    # The checkpoint stores where it was inside the record (the chunk being packed and how many
+    # of its blocks were handed out), not the rest of its text.
+    assert document is not None and document["offset"] < HUGE_RECORD_CHARS and state["stream"]["handed_out"] > 0
     assert (latest(run_dir) / "trainer_state.json").stat().st_size < 2_000_000
     entries = {Path(e["path"]).name: e for e in state["ledger"]["shards"]}
     assert entries["zz-huge.jsonl"]["status"] == "in_progress"
@@ -182,7 +183,9 @@ def test_a_shards_pattern_matching_no_file_exits_2_naming_it(tmp_path: Path) -> 
     assert quiet.code == 0 and quiet.json()["status"] == "nothing_to_do", quiet.text
 
 
-def test_parquet_shard_with_a_corrupt_row_group_is_quarantined(tmp_path: Path) -> None:
+def test_parquet_shard_with_a_corrupt_row_group_is_quarantined_where_training_reads_it(tmp_path: Path) -> None:
+    """Row groups are checked as they are read (no full read at planning): the group before the
+    corrupt one trains and is counted, the rest of the shard is quarantined with the reason."""
     from test_data import corrupt_parquet
 
     recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=DOCS,
@@ -194,10 +197,11 @@ def test_parquet_shard_with_a_corrupt_row_group_is_quarantined(tmp_path: Path) -
 
     assert outcome["status"] == "increment_complete"
     entry = ledger(run_dir)["00-alpha/broken.parquet"]
-    assert entry["status"] == "quarantined" and entry["tokens"] == 0
+    assert entry["status"] == "quarantined" and entry["tokens"] > 0  # row group 0 trained
     assert entry["reason"].startswith(f"{bad.resolve()}: row group 1 is unreadable")
     assert "\n" not in entry["reason"]
-    assert f"quarantined: {entry['reason']}" in outcome["output"]
+    assert (f"warning: {entry['reason']}; the rest of the shard is quarantined (the 200 records before it are "
+            "trained)") in outcome["output"]
     assert ledger(run_dir)["00-alpha/shard-000.jsonl"]["status"] == "done"
     _assert_ledger_matches_outcome(run_dir, outcome["tokens"])
 
