@@ -1,186 +1,272 @@
 #!/usr/bin/env python
-"""Training throughput of olm's loop next to a bare PyTorch loop and the HF ``Trainer``.
+"""Training throughput of olm's loop next to a bare PyTorch loop and the HF ``Trainer`` (CPU).
 
-Same model (a from-scratch Llama with identical initial weights), same token blocks, same batch
-size, same AdamW settings, one process. Each contender runs ``--steps`` optimizer steps; the
-first ``--warmup`` steps are excluded from the timing. Rounds alternate the contenders so that
-machine noise hits all of them alike, and the median over rounds is reported.
+Two settings, measured side by side in one run:
 
-olm's figure is measured from its own metrics timestamps, so it includes everything its loop
-does per step (stream reading and packing, selection, replay bookkeeping, ledger, logging), but
-not start-up or the final checkpoint.
+* ``cheapest`` -- the least olm can do per step: random selector, no replay, constant learning
+  rate, batch ``--batch`` x ``--block-size``;
+* ``quickstart`` -- the recipe of ``configs/quickstart.yaml`` as it is (batch 8 x 128, reservoir
+  replay at ratio 0.1, cosine schedule with warm-up), except for the model (the bench's shape and
+  tokenizer, so that all three contenders start from the same weights), the data (the bench's
+  shards), and eval (off: its paths are the demo's, and it runs only outside the timed window).
 
-    python scripts/bench_throughput.py            # ~3 minutes on 2 CPU cores
+In both, the bare loop and the Trainer train the same number of samples of the same length per
+step as olm (olm's replayed samples are part of its batch, not extra), with the recipe's AdamW
+settings; what each contender does is described in ``scripts/bench_loops.py``. Every contender
+runs ``--steps`` optimiser steps; steps 1..``--warmup`` are not timed. Each round runs every
+setting and, within it, the contenders in a rotated order; per round the ratios
+``olm_over_bare`` and ``olm_over_trainer`` are taken by wall time and by process CPU time
+(``time.process_time``, which load from other processes disturbs much less), and the medians
+of those per-round ratios are reported with the targets (olm/bare >= 0.98, olm/Trainer >= 1.05).
+
+    python scripts/bench_throughput.py                         # ~8 minutes on 2 CPU cores
+    python scripts/bench_throughput.py --json > /tmp/bt.json   # one JSON object on stdout
+    python scripts/bench_throughput.py --settings quickstart --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import datetime as dt
 import json
-import statistics
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from olm_cli.data import BlockStream, discover_shards  # noqa: E402
+from bench_loops import (  # noqa: E402
+    CONTENDERS,
+    ROOT,
+    TrainerSettings,
+    Window,
+    collate_batches,
+    median,
+    median_ratio,
+    pack_blocks,
+    read_texts,
+    reset_peak_memory,
+    rotated,
+    run_bare,
+    run_hf_trainer,
+    run_olm,
+    timed_window,
+)
+
+from olm_cli.engine import build_optimizer  # noqa: E402
 from olm_cli.modeling import build_scratch_model, train_tokenizer  # noqa: E402
 from olm_cli.recipe import recipe_from_dict  # noqa: E402
-from olm_cli.samples import collate  # noqa: E402
 
 ARCH = {"size": "small", "vocab_size": 4096, "hidden_size": 192, "num_hidden_layers": 4,
         "num_attention_heads": 4, "intermediate_size": 512}
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TARGETS = {"olm_over_bare": 0.98, "olm_over_trainer": 1.05}
+RATIO_OF = {"olm_over_bare": "bare", "olm_over_trainer": "hf_trainer"}
+CPU = torch.device("cpu")
 
 
-def make_data(root: Path) -> Path:
-    """Real text: the demo builder's code and prose domains (offline)."""
-    import subprocess
+@dataclass
+class Setting:
+    """One recipe the three contenders are compared on, and the rounds measured for it."""
 
+    name: str
+    description: str
+    recipe: Callable[[Path], dict[str, Any]]  # run directory -> olm recipe
+    batch: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+
+
+def make_data(root: Path) -> list[Path]:
+    """Real text: the demo builder's code, prose and drama domains (offline), as jsonl shards in order."""
     out = root / "demo"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_demo_data.py"), "--out", str(out),
                     "--offline-only", "--shards-per-domain", "3", "--shard-kb", "140"],
                    check=True, stdout=subprocess.DEVNULL)
-    return out / "train"
+    return sorted((out / "train").glob("*/*.jsonl"))
 
 
-def recipe_dict(shards: str, tokenizer_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict:
-    return {
-        "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "arch": ARCH},
-        "data": {"shards": [shards], "block_size": args.block_size},
-        "batch": {"size": args.batch, "micro_batch": args.batch},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
-        "run": {"dir": str(run_dir), "max_steps": args.steps, "checkpoint_every": 10_000, "progress": False,
-                "seed": 0},
-    }
+def cheapest_setting(shards_dir: Path, tokenizer_dir: Path, args: argparse.Namespace) -> Setting:
+    def recipe(run_dir: Path) -> dict[str, Any]:
+        return {
+            "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "arch": ARCH},
+            "data": {"shards": [str(shards_dir)], "block_size": args.block_size},
+            "selector": {"name": "random"},
+            "batch": {"size": args.batch, "micro_batch": args.batch},
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
+            "run": {"dir": str(run_dir), "max_steps": args.steps, "checkpoint_every": 10_000, "progress": False,
+                    "seed": 0},
+        }
+
+    return Setting("cheapest", f"random selector, no replay, constant lr, batch {args.batch} x {args.block_size}",
+                   recipe, args.batch, args.block_size)
 
 
-def bench_olm(recipe: dict, args: argparse.Namespace) -> float:
-    from olm_cli.increment import run_increment as train
+def quickstart_setting(shards_dir: Path, tokenizer_dir: Path, args: argparse.Namespace) -> Setting:
+    base = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
+    base["model"] = {"init": "scratch", "tokenizer": str(tokenizer_dir), "arch": ARCH}
+    base["data"]["shards"] = [str(shards_dir)]
+    base.pop("eval", None)
 
-    outcome = train(recipe_from_dict(recipe))
-    assert outcome.steps == args.steps, outcome
-    rows = [json.loads(line) for line in (Path(recipe["run"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[args.warmup:]
-    # tokens/time between the end of the warm-up step and the end of the last step
-    tokens = sum(r["batch_size"] for r in timed[1:]) * args.block_size
-    return tokens / (timed[-1]["time"] - timed[0]["time"])
+    def recipe(run_dir: Path) -> dict[str, Any]:
+        built = copy.deepcopy(base)
+        built["run"].update(dir=str(run_dir), max_steps=args.steps, progress=False)
+        return built
 
-
-def make_model(cfg_dict: dict, tokenizer) -> torch.nn.Module:
-    cfg = recipe_from_dict(cfg_dict).model
-    return build_scratch_model(cfg, tokenizer, seed=0)
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    from olm_cli.engine import build_optimizer
-
-    return build_optimizer(model, recipe_from_dict(CURRENT_RECIPE))
+    batch, block = base["batch"]["size"], base["data"]["block_size"]
+    replay = base["replay"]
+    return Setting("quickstart", f"configs/quickstart.yaml: {replay['policy']} replay ratio {replay['ratio']}, "
+                   f"{base['optim']['schedule']} lr, batch {batch} x {block}, eval off", recipe, batch, block)
 
 
-def bench_bare(model: torch.nn.Module, batches: list[dict], args: argparse.Namespace) -> float:
-    optimizer = make_optimizer(model)
-    model.train()
-    start = 0.0
-    for step, batch in enumerate(batches[: args.steps]):
-        if step == args.warmup:
-            start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - start
-    return (args.steps - args.warmup) * args.batch * args.block_size / elapsed
+def trainer_settings(recipe: dict[str, Any]) -> TrainerSettings:
+    optim = recipe_from_dict(recipe).optim
+    return TrainerSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, grad_clip=optim.grad_clip,
+                           schedule=optim.schedule, warmup_steps=optim.warmup_steps)
 
 
-def bench_hf_trainer(model: torch.nn.Module, blocks: list, args: argparse.Namespace, out: Path, pad_id: int) -> float:
-    from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_: object, **__: object) -> None:
-            times.append(time.perf_counter())
-
-    dataset = Dataset.from_dict({"input_ids": [b.tokens.tolist() for b in blocks]})
-    training_args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-3,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-        max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=lambda rows: collate([torch.tensor(r["input_ids"]).numpy() for r in rows], pad_id),
-                      callbacks=[Clock()])
-    trainer.train()
-    tokens = (args.steps - args.warmup - 1) * args.batch * args.block_size
-    return tokens / (times[-1] - times[args.warmup])
+def measure(setting: Setting, name: str, run_dir: Path, tokenizer: Any, blocks: list[Any],
+            args: argparse.Namespace) -> Window:
+    """One contender, once, on ``setting``."""
+    recipe = setting.recipe(run_dir)
+    reset_peak_memory(CPU)
+    if name == "olm":
+        return run_olm(recipe, steps=args.steps, warmup=args.warmup, device=CPU)
+    parsed = recipe_from_dict(recipe)
+    model = build_scratch_model(parsed.model, tokenizer, seed=parsed.run.seed)  # olm's initial weights
+    pad_id = int(tokenizer.pad_token_id)
+    if name == "bare":
+        batches = collate_batches(blocks, setting.batch, pad_id)
+        return run_bare(model, build_optimizer(model, parsed), batches, warmup=args.warmup,
+                        grad_clip=parsed.optim.grad_clip, device=CPU)
+    return run_hf_trainer(model, blocks, batch=setting.batch, steps=args.steps, warmup=args.warmup,
+                          settings=trainer_settings(recipe), output_dir=run_dir, pad_id=pad_id, device=CPU)
 
 
-CURRENT_RECIPE: dict = {}
+def summarise(setting: Setting) -> dict[str, Any]:
+    """Medians over rounds: of each contender's tokens/s, and of the per-round ratios."""
+    def rates(name: str, kind: str) -> list[float | None]:
+        return [r["contenders"][name]["tokens_per_s"][kind] for r in setting.rounds]
+
+    summary: dict[str, Any] = {"description": setting.description, "batch": setting.batch,
+                               "block_size": setting.block_size}
+    for ratio, other in RATIO_OF.items():
+        summary[ratio] = {m: median_ratio(rates("olm", m), rates(other, m)) for m in ("wall", "cpu")}
+    summary["tokens_per_s"] = {name: {m: median(rates(name, m)) for m in ("wall", "cpu")} for name in CONTENDERS}
+    summary["rounds"] = setting.rounds
+    return summary
+
+
+def verdicts(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target in each setting, judged by wall time and by CPU time."""
+    out = []
+    for name, summary in summaries.items():
+        for ratio, minimum in TARGETS.items():
+            row: dict[str, Any] = {"setting": name, "ratio": ratio, "min": minimum}
+            for measure in ("wall", "cpu"):
+                value = summary[ratio][measure]
+                row[measure] = {"value": value, "pass": value is not None and value >= minimum}
+            out.append(row)
+    return out
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    meta = report["model"]
+    print(f"\nmodel {meta['parameters'] / 1e6:.1f}M params; {report['args']['steps']} steps "
+          f"({report['args']['warmup']} warm-up), {report['args']['rounds']} rounds, "
+          f"torch threads {report['machine']['torch_threads']}")
+    for name, summary in report["settings"].items():
+        print(f"\n{name}: {summary['description']}")
+        print(f"{'loop':<12}{'tokens/s wall':>15}{'tokens/cpu-s':>15}    wall tokens/s per round")
+        for contender in CONTENDERS:
+            rates = summary["tokens_per_s"][contender]
+            rounds = "  ".join(f"{r['contenders'][contender]['tokens_per_s']['wall']:,.0f}" for r in summary["rounds"])
+            cpu = f"{rates['cpu']:,.0f}" if rates["cpu"] is not None else "n/a"
+            print(f"{contender:<12}{rates['wall']:>15,.0f}{cpu:>15}    {rounds}")
+    print("\ntargets (median of per-round ratios):")
+    for row in report["targets"]:
+        judged = "   ".join(f"{m} {_fmt(row[m]['value'])} {'PASS' if row[m]['pass'] else 'FAIL'}" for m in ("wall", "cpu"))
+        print(f"  {row['setting']:<11} {row['ratio']:<17} >= {row['min']:.2f}:   {judged}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per contender and round")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps not timed (at least 1, below --steps)")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the cheapest setting")
+    parser.add_argument("--block-size", type=int, default=128, help="block of the cheapest setting")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--settings", default="cheapest,quickstart",
+                        help="comma-separated, from: cheapest, quickstart")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    args.warmup = timed_window(args.warmup, args.steps)
+    builders = {"cheapest": cheapest_setting, "quickstart": quickstart_setting}
+    chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in builders]
+    if unknown or not chosen:
+        parser.error(f"--settings: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(builders)}")
+    progress = sys.stderr if args.json else sys.stdout
+    load_before = os.getloadavg()
+    began = time.monotonic()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # Libraries print to stdout (the Trainer its summary); with --json, stdout holds the JSON alone.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(progress):
         root = Path(tmp)
-        train_dir = make_data(root)
-        shards = discover_shards([str(train_dir)])
+        shards = make_data(root)
         tokenizer = train_tokenizer(shards, "text", ARCH["vocab_size"], 2_000_000)
         tokenizer.save_pretrained(root / "tokenizer")
-        stream = BlockStream(shards, tokenizer, block_size=args.block_size,
-                             domain_pattern=r"(?:\d+-)?(?P<domain>[^/]+)/[^/]+$")
-        wanted = args.steps * args.batch
-        blocks = [b for b in stream.take(2 * wanted) if len(b) == args.block_size][:wanted]
-        if len(blocks) < args.steps * args.batch:
-            raise SystemExit(f"not enough data: {len(blocks)} blocks for {args.steps} steps")
-        pad_id = int(tokenizer.pad_token_id)
-        batches = [collate([b.tokens for b in blocks[i : i + args.batch]], pad_id)
-                   for i in range(0, args.steps * args.batch, args.batch)]
-        results: dict[str, list[float]] = {"olm": [], "bare": [], "hf_trainer": []}
-        global CURRENT_RECIPE
-        contenders = {
-            "bare": lambda r: bench_bare(make_model(CURRENT_RECIPE, tokenizer), batches, args),
-            "olm": lambda r: bench_olm(CURRENT_RECIPE, args),
-            "hf_trainer": lambda r: bench_hf_trainer(make_model(CURRENT_RECIPE, tokenizer), blocks, args,
-                                                     root / f"hf{r}", pad_id),
-        }
-        order = list(contenders)
+        settings = [builders[name](shards[0].parents[1], root / "tokenizer", args) for name in chosen]
+        blocks = {s.name: pack_blocks(read_texts(shards), tokenizer, s.block_size, args.steps * s.batch)
+                  for s in settings}
         for r in range(args.rounds):
-            CURRENT_RECIPE = recipe_dict(str(train_dir), root / "tokenizer", root / f"run{r}", args)
-            # Rotate who goes first, so warm-up and drift effects hit every contender alike.
-            for name in order[r % 3:] + order[: r % 3]:
-                results[name].append(contenders[name](r))
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()), flush=True)
+            for index, setting in enumerate(settings):
+                order = rotated(CONTENDERS, r + index)
+                windows = {name: measure(setting, name, root / f"{setting.name}-{name}-{r}", tokenizer,
+                                         blocks[setting.name], args) for name in order}
+                setting.rounds.append({"round": r + 1, "order": order,
+                                       "contenders": {n: windows[n].as_dict() for n in CONTENDERS}})
+                print(f"round {r + 1} {setting.name}: " + ", ".join(
+                    f"{n} {windows[n].tokens_per_s()['wall']:,.0f} tok/s" for n in order), file=progress, flush=True)
+        parameters = sum(p.numel() for p in build_scratch_model(
+            recipe_from_dict(settings[0].recipe(root / "count")).model, tokenizer, seed=0).parameters())
 
-    med = {k: statistics.median(v) for k, v in results.items()}
-    params = sum(p.numel() for p in make_model(CURRENT_RECIPE, tokenizer).parameters())
-    print()
-    print(f"model {params / 1e6:.1f}M params, batch {args.batch} x {args.block_size} tokens, "
-          f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds, torch threads {torch.get_num_threads()}")
-    print(f"{'loop':<12}{'tokens/s (median)':>20}    all rounds")
-    for name, values in results.items():
-        print(f"{name:<12}{med[name]:>20,.0f}    {'  '.join(f'{v:,.0f}' for v in values)}")
-    # Rounds run minutes apart on a shared VM; ratios within a round cancel most of the drift.
-    vs_bare = statistics.median(o / b for o, b in zip(results["olm"], results["bare"], strict=True))
-    vs_trainer = statistics.median(o / t for o, t in zip(results["olm"], results["hf_trainer"], strict=True))
-    print()
-    print(f"olm / bare loop  = {vs_bare:.3f}   (median of per-round ratios; target >= 0.95)")
-    print(f"olm / HF Trainer = {vs_trainer:.3f}   (median of per-round ratios; target >= 1.05)")
+    summaries = {s.name: summarise(s) for s in settings}
+    report = {
+        "benchmark": "bench_throughput",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version(), "load_average_before": load_before,
+                    "load_average_after": os.getloadavg()},
+        "args": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": args.batch,
+                 "block_size": args.block_size, "settings": chosen},
+        "model": {"parameters": parameters, "arch": ARCH},
+        "seconds": round(time.monotonic() - began, 1),
+        "settings": summaries,
+        "targets": verdicts(summaries),
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_tables(report)
 
 
 if __name__ == "__main__":
