@@ -53,6 +53,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,6 +82,7 @@ from bench_loops import (  # noqa: E402
 )
 
 from olm_cli.engine import build_optimizer  # noqa: E402
+from olm_cli.errors import OlmError  # noqa: E402
 from olm_cli.modeling import save_tokenizer, train_tokenizer  # noqa: E402
 from olm_cli.recipe import ModelConfig, apply_overrides, recipe_from_dict  # noqa: E402
 
@@ -295,12 +297,16 @@ CONTENDER_RUNNERS: dict[str, Callable[[Bench, Path], Window]] = {
 
 
 def measure(bench: Bench, name: str, run_dir: Path) -> dict[str, Any]:
-    """One contender, once; running out of memory is a result, not the end of the benchmark."""
+    """One contender, once. A failure is recorded (and makes the exit status 1) and the others still run:
+    one GPU session has minutes of device time, and the other contenders' figures are still worth having."""
     reset_peak_memory(bench.device)
     try:
         return CONTENDER_RUNNERS[name](bench, run_dir).as_dict()
     except torch.OutOfMemoryError as exc:
         return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, the table and on stderr
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"}
     finally:
         reset_peak_memory(bench.device)
 
@@ -319,11 +325,13 @@ def summarise(bench: Bench, rounds: list[dict[str, Any]], sizes: dict[str, int],
         rate = median(wall_rates(name))
         peaks = [r[name].get("peak_memory_bytes") for r in rounds if r[name].get("peak_memory_bytes") is not None]
         errors = [r[name]["error"] for r in rounds if "error" in r[name]]
+        notes = sorted({note for r in rounds for note in r[name].get("notes", ())})
         contenders[name] = {
             "tokens_per_s": rate,
             "mfu": rate * per_token / peak if rate is not None and peak else None,
             "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
             **({"errors": errors} if errors else {}),
+            **({"notes": notes} if notes else {}),
         }
     return {
         "shape": asdict(bench.shape), "batch": bench.batch, "tokens_per_step": bench.batch * bench.shape.seq,
@@ -356,10 +364,11 @@ def print_tables(report: dict[str, Any]) -> None:
               f"{model['flops_per_token'] / 1e9:.2f} GFLOP/token")
         print(f"{'loop':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
         for contender, row in model["contenders"].items():
-            rate = "OOM" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
+            rate = "failed" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
             mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
             memory = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
-            print(f"{contender:<12}{rate:>12}{mfu:>8}{memory:>10}")
+            remarks = "; ".join(row.get("errors", []) + row.get("notes", []))
+            print(f"{contender:<12}{rate:>12}{mfu:>8}{memory:>10}  {remarks}".rstrip())
         for ratio in ("olm_over_bare", "olm_over_trainer"):
             value = model[ratio]
             print(f"{ratio} = {'n/a' if value is None else f'{value:.3f}'}")
@@ -427,6 +436,10 @@ def main() -> None:
                                    torch.bfloat16 if device.type == "cuda" else torch.float32, device)
             bench = Bench(name, shape, root / f"model-{name}", shards[0].parent, root, [], int(tokenizer.pad_token_id),
                           device, args)
+            try:  # a bad --olm-set fails here, before any device time is spent
+                recipe_from_dict(bench.recipe(root / "check"))
+            except OlmError as exc:
+                raise SystemExit(f"error: olm's recipe ({' '.join(args.olm_set) or 'no --olm-set'}): {exc}") from None
             bench.blocks = pack_blocks(read_texts(shards), tokenizer, shape.seq, bench.batch * args.steps)
             say(f"{name}: {sizes['parameters']:,} parameters, batch {bench.batch} x {shape.seq}")
             rounds = []
@@ -461,6 +474,9 @@ def main() -> None:
         print(json.dumps(report, indent=1))
     else:
         print_tables(report)
+    failed = [f"{m} {c}" for m, model in models.items() for c, row in model["contenders"].items() if "errors" in row]
+    if failed:
+        raise SystemExit(f"error: contender(s) failed: {', '.join(failed)} (see 'errors' in the report)")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Window:
     wall_s: float
     cpu_s: float | None  # None when olm's metrics carry no cpu_time
     peak_memory_bytes: int | None = None  # CUDA only
+    notes: tuple[str, ...] = ()  # what makes this figure not like the others (e.g. olm backed off its micro-batch)
 
     def tokens_per_s(self) -> dict[str, float | None]:
         """Tokens per wall second and per second of process CPU time."""
@@ -225,10 +226,19 @@ def run_olm(recipe: dict[str, Any], *, steps: int, warmup: int, device: torch.de
     by_step = {row["increment_step"]: row for row in map(json.loads, lines)
                if "increment_step" in row and not row.get("skipped")}
     start, end = by_step[warmup], by_step[steps]
+    notes = []
     cpu = end["cpu_time"] - start["cpu_time"] if "cpu_time" in start and "cpu_time" in end else None
     if cpu is None:
-        print("warning: olm's metrics.jsonl has no cpu_time; its CPU-time figures are null", file=sys.stderr)
-    return Window(end["tokens"] - start["tokens"], end["time"] - start["time"], cpu, _peak_memory(device))
+        notes.append("olm's metrics.jsonl has no cpu_time: its CPU-time figures are null")
+    wanted = recipe["batch"]["micro_batch"]
+    used = sorted({by_step[s].get("micro_batch", wanted) for s in range(warmup + 1, steps + 1)})
+    if used != [wanted]:
+        # olm's out-of-memory back-off: the run went on, with smaller micro-batches than the baselines.
+        notes.append(f"olm trained with micro-batch {used} instead of {wanted} (out-of-memory back-off)")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return Window(end["tokens"] - start["tokens"], end["time"] - start["time"], cpu, _peak_memory(device),
+                  tuple(notes))
 
 
 def _peak_memory(device: torch.device) -> int | None:

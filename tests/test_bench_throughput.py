@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -93,6 +94,35 @@ def test_peak_flops_unknown_on_cpu_unless_given() -> None:
 
     assert peak_flops(torch.device("cpu"), None) == ("cpu", None)
     assert peak_flops(torch.device("cpu"), 1e12) == ("cpu", 1e12)
+
+
+def test_a_failing_contender_is_recorded_and_the_others_still_count(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    import bench_gpu
+    import torch
+
+    def out_of_memory(*_: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore detail")
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("no kernel image\n  for this device")
+
+    monkeypatch.setitem(bench_gpu.CONTENDER_RUNNERS, "hf_trainer", out_of_memory)
+    monkeypatch.setitem(bench_gpu.CONTENDER_RUNNERS, "olm", broken)
+    bench = SimpleNamespace(device=torch.device("cpu"), shape=MODELS["1b"], batch=8)
+    assert bench_gpu.measure(bench, "hf_trainer", tmp_path) == {
+        "error": "out of memory: CUDA out of memory. Tried to allocate 8.00 GiB"}
+    assert bench_gpu.measure(bench, "olm", tmp_path) == {"error": "RuntimeError: no kernel image for this device"}
+
+    bare = {"tokens": 100, "wall_s": 1.0, "cpu_s": 1.0, "tokens_per_s": {"wall": 100.0, "cpu": 100.0}}
+    rounds = [{"round": 1, "order": ["olm", "bare", "hf_trainer"], "olm": {"error": "x"}, "bare": bare,
+               "hf_trainer": {"error": "out of memory"}}]
+    summary = bench_gpu.summarise(bench, rounds, {"parameters": 10, "matmul_parameters": 10}, peak=1e15)
+    assert summary["contenders"]["olm"]["tokens_per_s"] is None and summary["contenders"]["olm"]["errors"] == ["x"]
+    assert summary["contenders"]["bare"]["mfu"] == pytest.approx(100 * summary["flops_per_token"] / 1e15)
+    assert summary["olm_over_bare"] is None
+    verdicts = bench_gpu.verdicts({"1b": summary})
+    assert [(v["target"], v["pass"]) for v in verdicts] == [("olm_over_bare", None), ("olm_mfu", None)]
 
 
 # --------------------------------------------------------------------------- smoke runs (slow)
