@@ -36,6 +36,7 @@ from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
+from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.modeling import save_tokenizer
 from olm_cli.recipe import Recipe
 from olm_cli.regularize.anchor import legacy_state
@@ -127,7 +128,10 @@ class Trainer:
 
     def setup(self) -> None:
         """Everything the step needs, in dependency order (each step needs the ones before it)."""
+        from olm_cli.modeling import check_attn_implementation
+
         transformers.utils.logging.disable_progress_bar()
+        check_attn_implementation(self.recipe.model.attn_implementation)  # a RecipeError before anything is built
         self._setup_accelerator()
         if not self.resuming:
             # Numbered by the ledger, which a resume rewinds: a crashed increment reuses its number.
@@ -138,6 +142,7 @@ class Trainer:
         self._setup_parts()  # strategies, built from (config, context); the partial-update plan wraps the model
         model = self.partial.prepare(model, self.state.increment)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        self._setup_speed_options()  # after prepare: compile the module that will really run
         # The training stream quarantines the rest of a shard at a bad record (the ledger is told).
         self.stream = self._make_stream(bad_records="quarantine")
         self.stream.warn = lambda message: self._say(f"[yellow]warning:[/] {message}")
@@ -171,7 +176,8 @@ class Trainer:
         if self.latest is not None:
             # Any failure here is CheckpointLoadError: run_increment falls back to an older checkpoint.
             with loading_checkpoint(self.latest, "the model or tokenizer"):
-                model = load_pretrained(str(self.latest), dtype=recipe.model.dtype)
+                model = load_pretrained(str(self.latest), dtype=recipe.model.dtype,
+                                        attn_implementation=recipe.model.attn_implementation)
                 tokenizer = load_tokenizer(str(self.latest))
         else:
             model, tokenizer = load_source(recipe.model, shards=self.shard_plan, text_field=recipe.data.text_field,
@@ -201,6 +207,27 @@ class Trainer:
         self.distiller = DISTILLERS.build(recipe.distill, context)
         self.regularizer = REGULARIZERS.build(recipe.regularize, context)
         self.partial = PartialUpdates(recipe.train, context)
+
+    def _setup_speed_options(self) -> None:
+        """How the training forward runs: ``run.compile`` and ``run.loss_implementation``.
+
+        Only the training forward is compiled (``forward_model``): ``self.model`` stays the
+        module Accelerate prepared, so saving, unwrapping, the selector's scoring and the
+        evaluation see plain parameters and never trigger a compilation of their own.
+        """
+        from olm_cli.losses import ChunkedLMLoss
+        from olm_cli.modeling import use_causal_attention_only
+
+        run = self.recipe.run
+        use_causal_attention_only(self.accelerator.unwrap_model(self.model))  # no mask read on the host per forward
+        self.forward_model: Any = self.model
+        if run.compile:
+            self._say("run.compile: the training forward is compiled at the first step (paid once per invocation)")
+            self.forward_model = torch.compile(self.model)
+        self.chunked_loss: ChunkedLMLoss | None = None
+        if run.loss_implementation == "chunked":
+            self.chunked_loss = ChunkedLMLoss(self.accelerator.unwrap_model(self.model),
+                                              chunk_tokens=run.loss_chunk_tokens, device=self.accelerator.device)
 
     def _load_model(self, source: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
         """A frozen-to-be model (a teacher, LwF's start model) on the training device, in the recipe's dtype."""
@@ -419,13 +446,17 @@ class Trainer:
                 stored = self._stored_logits(new_blocks, replayed)
 
                 # forward → losses → backward (micro-batches; OOM backs off without losing the batch).
-                result = self._forward_backward(samples, weights, stored, plan.micro_batch, n_new=len(new_blocks))
-                if result is None:
-                    continue
-                loss, per_sample, new_logits = result
+                accumulated = self._forward_backward(samples, weights, stored, plan.micro_batch, n_new=len(new_blocks))
 
-                # step: a non-finite gradient never reaches the weights (as GradScaler and Megatron do).
-                grad_norm = self._clip()
+                # clip on the device, then the step's one host transfer (docs/architecture.md):
+                # the loss, every sample's loss and the gradient norm, together.
+                measured = fetch_step(accumulated, self._clip())
+                loss, grad_norm, per_sample = measured.loss, measured.grad_norm, measured.per_sample
+
+                # step: a non-finite loss or gradient never reaches the weights (as GradScaler and Megatron do).
+                if measured.bad_loss is not None:
+                    self._skip_batch(f"non-finite loss ({measured.bad_loss})", loss=measured.bad_loss)
+                    continue
                 if not math.isfinite(grad_norm):
                     self._skip_batch(f"non-finite gradient norm ({grad_norm})", loss=loss, grad_norm=grad_norm)
                     continue
@@ -438,7 +469,7 @@ class Trainer:
 
                 # bookkeeping, observe, log.
                 seconds = time.perf_counter() - t0
-                step_tokens = self._bookkeep(new_blocks, replayed, selection, per_sample, new_logits)
+                step_tokens = self._bookkeep(new_blocks, replayed, selection, per_sample, accumulated.new_logits)
                 self.policy.observe(StepStats(loss=loss, grad_norm=grad_norm, samples=len(samples), tokens=step_tokens,
                                               seconds=seconds, pool_mean_entropy=selection.stats.get("pool_mean_entropy")))
                 self._log_step(loss, grad_norm, step_tokens, seconds, new_blocks, replayed, selection, progress, task)
@@ -450,8 +481,8 @@ class Trainer:
         return self._finish_increment()
 
     def _forward_backward(self, samples: list[np.ndarray], weights: np.ndarray, stored: Any, micro_batch: int,
-                          n_new: int) -> tuple[float, np.ndarray, list[tuple[np.ndarray, np.ndarray]] | None] | None:
-        """Accumulate gradients over micro-batches; None when the batch was skipped (NaN/Inf)."""
+                          n_new: int) -> AccumulatedBatch:
+        """Accumulate gradients over micro-batches; the statistics stay on the device (no host sync)."""
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         # Every rank holds the same batch (same stream, selector and replay state); each computes
@@ -460,40 +491,39 @@ class Trainer:
         norm = float(sum(weights[i] for i in mine))
         topk = self.recipe.replay.store_logits_topk  # 0 unless replay keeps logits for distillation
         alpha = self.recipe.distill.alpha
+        device = accelerator.device
         while True:
             try:
-                total, per_sample = 0.0, np.zeros(len(samples))
-                new_logits: list[tuple[np.ndarray, np.ndarray]] = []
+                accumulated = AccumulatedBatch(samples=len(samples), rows=mine, new_logits=[] if topk else None)
                 chunks = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
                 for c, chunk in enumerate(chunks):
-                    batch = {k: v.to(accelerator.device) for k, v in collate([samples[i] for i in chunk], self.pad_id).items()}
+                    host = collate([samples[i] for i in chunk], self.pad_id)
+                    host["weights"] = torch.as_tensor(weights[chunk], dtype=torch.float32)
+                    batch = to_device(host, device)
+                    sample_weights = batch.pop("weights")
                     sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else contextlib.nullcontext()
                     with sync, accelerator.autocast():
-                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-                        row_loss, _ = per_sample_loss(logits, batch["labels"])
-                        w = torch.as_tensor(weights[chunk], dtype=row_loss.dtype, device=row_loss.device)
+                        row_loss, logits = self._row_losses(batch)
                         chunk_stored = None
                         if stored is not None:
                             width = batch["input_ids"].shape[1]
-                            chunk_stored = tuple(t.to(accelerator.device) for t in collate_stored([stored[i] for i in chunk], width))
+                            chunk_stored = tuple(t.to(device) for t in collate_stored([stored[i] for i in chunk], width))
                         loss = training_loss(
-                            (row_loss * w).sum() / norm,
+                            (row_loss * sample_weights).sum() / norm,
                             self.distiller.loss(logits, batch, chunk_stored),
                             self.regularizer.penalty(accelerator.unwrap_model(self.model)),
                             alpha=alpha, share=len(chunk) / len(mine),
                         )
-                    if not torch.isfinite(loss):
-                        value = float(loss.detach())
-                        self._skip_batch(f"non-finite loss ({value})", loss=value)
-                        return None
+                    # A non-finite loss is found by fetch_step, with the gradient norm: its
+                    # gradients are dropped there, never stepped on.
                     accelerator.backward(loss)
-                    total += float(loss.detach())
-                    per_sample[chunk] = row_loss.detach().float().cpu().numpy()
-                    if topk:
+                    accumulated.add(loss, row_loss)
+                    if accumulated.new_logits is not None:
+                        # Stored-logit distillation keeps the new samples' top-k on the host (one more transfer).
                         rows = [row for row, index in enumerate(chunk) if index < n_new]
-                        new_logits.extend(capture_topk(logits[rows], [len(samples[chunk[r]]) for r in rows], topk))
+                        accumulated.new_logits.extend(capture_topk(logits[rows], [len(samples[chunk[r]]) for r in rows], topk))
                 self.micro_batch_used = micro_batch
-                return total, per_sample, (new_logits if topk else None)
+                return accumulated
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
@@ -502,6 +532,17 @@ class Trainer:
                     raise OlmError("out of memory even with micro-batch 1; use a smaller model, block_size or dtype") from None
                 micro_batch = self.policy.plan().micro_batch
                 self._say(f"[yellow]out of memory:[/] retrying the same batch with micro-batch {micro_batch}")
+
+    def _row_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Each row's mean token loss, and the logits (None under the chunked loss, which never builds them).
+
+        No attention mask: batches are right-padded, so under causal attention no real token
+        sees a pad and the padded positions are out of the loss (see use_causal_attention_only).
+        """
+        if self.chunked_loss is not None:
+            return self.chunked_loss(self.forward_model, batch), None
+        logits = self.forward_model(input_ids=batch["input_ids"], use_cache=False).logits
+        return per_sample_loss(logits, batch["labels"])[0], logits
 
     def _stored_logits(self, new_blocks: list[Block], replayed: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | None] | None:
         """Per-sample stored top-k logits (None for fresh samples), for a distiller that uses them."""
@@ -608,13 +649,14 @@ class Trainer:
             "Lower optim.lr or check the data"
         )
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor | float:
+        """The gradient norm before clipping, left on the device for :func:`fetch_step`."""
         clip = self.recipe.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return 0.0
-        norm = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return float(norm)
+        norm: torch.Tensor | float = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        return norm
 
     def _set_lr(self) -> None:
         o = self.recipe.optim

@@ -74,11 +74,66 @@ def train_tokenizer(shards: Sequence[Path], text_field: str, vocab_size: int, li
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=None)
 
 
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse, before any model is loaded, an attention kernel this machine cannot run.
+
+    transformers would fail later with a long ImportError (or silently on a CPU-only host);
+    ``flash_attention_2`` needs the ``flash_attn`` package and a CUDA device.
+    """
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise RecipeError("model.attn_implementation 'flash_attention_2' needs the flash-attn package "
+                          "(pip install flash-attn); use 'sdpa' otherwise")
+    if not torch.cuda.is_available():
+        raise RecipeError("model.attn_implementation 'flash_attention_2' needs a CUDA GPU and none is visible; "
+                          "use 'sdpa' otherwise")
+
+
+def _attn_kwargs(attn_implementation: str | None) -> dict[str, Any]:
+    """``attn_implementation`` for ``from_pretrained``/``from_config``; unset leaves transformers' default."""
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+CAUSAL_SDPA = "olm_causal_sdpa"  # transformers' SDPA kernel, registered without a mask function
+
+
+def use_causal_attention_only(model: torch.nn.Module) -> bool:
+    """Attend causally without a padding mask: exact for olm's batches, and free of host syncs.
+
+    olm pads on the right only and never computes a loss on padded positions, so under causal
+    attention no real token ever sees a pad: the padding mask changes nothing. Yet transformers
+    reads it on the host in every forward (to decide whether SDPA may skip it, or to look for
+    packed sequences when there is none), a device sync per micro-batch. Registering its SDPA
+    kernel under a name with no mask function makes it build no mask at all and call SDPA with
+    ``is_causal=True``. Only for plain causal SDPA models: a sliding window or chunked
+    attention needs the mask transformers builds. Returns whether the model was switched.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if (getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+            or getattr(config, "use_sliding_window", False) or layer_types != {"full_attention"}):
+        return False
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # transformers before the attention registry (4.48)
+        return False
+    if CAUSAL_SDPA not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    config._attn_implementation = CAUSAL_SDPA  # not saved: config.json keeps no attention kernel
+    return True
+
+
 def build_scratch_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sizes = cfg.arch.resolved()
     config = LlamaConfig(
+        **_attn_kwargs(cfg.attn_implementation),
         vocab_size=len(tokenizer),
         max_position_embeddings=cfg.arch.max_position_embeddings,
         num_key_value_heads=sizes["num_attention_heads"],
@@ -120,6 +175,7 @@ def load_pretrained(
     gguf_file: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """Load a causal LM from a hub id, a local directory or a GGUF file inside it.
 
@@ -127,32 +183,33 @@ def load_pretrained(
     ``PreTrainedModel.to`` (an unbound functools.wraps) away from every ``model.to(device)``; the
     GGUF cache, which needs ``save_pretrained``, calls :func:`_load_hf_model` itself.
     """
-    return _load_hf_model(source, dtype, gguf_file, revision, trust_remote_code)
+    return _load_hf_model(source, dtype, gguf_file, revision, trust_remote_code, attn_implementation)
 
 
 def _load_hf_model(
-    source: str, dtype: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool
+    source: str, dtype: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    kwargs = _source_kwargs(gguf_file, revision, trust_remote_code)
+    kwargs = {**_source_kwargs(gguf_file, revision, trust_remote_code), **_attn_kwargs(attn_implementation)}
     model: PreTrainedModel
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.name_or_path={source!r}: cannot load the model ({_first_line(exc)})") from None
     if gguf_file:
-        model = _rebuild_plain(model, DTYPES[dtype])
+        model = _rebuild_plain(model, DTYPES[dtype], attn_implementation)
     return model
 
 
-def _rebuild_plain(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+def _rebuild_plain(model: PreTrainedModel, dtype: torch.dtype, attn_implementation: str | None = None) -> PreTrainedModel:
     """A GGUF-loaded model carries a GGUF quantizer that refuses ``save_pretrained`` (and marks it
     untrainable) even when every weight is de-quantised; rebuild a plain model with the same weights."""
     from transformers import AutoModelForCausalLM
 
     state = model.state_dict()
-    plain = AutoModelForCausalLM.from_config(plain_config(model.config), dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(plain_config(model.config), dtype=dtype, **_attn_kwargs(attn_implementation))
     plain.load_state_dict(state)
     plain.tie_weights()
     return plain
@@ -293,7 +350,8 @@ def load_source(
         say(f"de-quantising {cfg.gguf_file} (once per run directory; this can take minutes)")
     else:
         say(f"loading the model from {cfg.name_or_path}")
-    model = _load_hf_model(cfg.name_or_path, cfg.dtype, cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
+    model = _load_hf_model(cfg.name_or_path, cfg.dtype, cfg.gguf_file, cfg.revision, cfg.trust_remote_code,
+                           cfg.attn_implementation)
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.name_or_path,
         gguf_file=None if cfg.tokenizer else cfg.gguf_file,
@@ -324,7 +382,8 @@ def _cached_gguf(cfg: ModelConfig, cache_dir: Path) -> tuple[torch.nn.Module, An
     try:
         if json.loads((cache_dir / _GGUF_SOURCE).read_text(encoding="utf-8")) != _gguf_identity(cfg):
             return None
-        return load_pretrained(str(cache_dir), dtype=cfg.dtype), load_tokenizer(str(cache_dir))
+        return (load_pretrained(str(cache_dir), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation),
+                load_tokenizer(str(cache_dir)))
     except (OSError, ValueError, RecipeError) as exc:
         logger.warning("ignoring the de-quantised GGUF cache in %s (%s)", cache_dir, exc)
         return None

@@ -67,6 +67,10 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(None, description="Tokenizer source if it differs from the model's.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub. Off unless you trust the repository.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are held in (mixed precision is `run.mixed_precision`).")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None,
+        description="Attention kernel of the trained model, as transformers names it: `sdpa` (PyTorch's fused attention), `flash_attention_2` (needs the `flash-attn` package, CUDA and bf16/fp16 weights or mixed precision) or `eager`; unset: transformers' default for the model (sdpa where supported).",
+    )
     arch: ArchConfig = Field(default_factory=ArchConfig, description="Architecture for `init: scratch`.")
 
     @model_validator(mode="after")
@@ -156,6 +160,12 @@ class RunConfig(Section):
     tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's tracker.")
     max_bad_steps: int = Field(5, gt=0, description="Consecutive NaN/Inf steps before rolling back to the last checkpoint and stopping.")
     progress: bool = Field(True, description="Show a live progress bar on a terminal.")
+    compile: bool = Field(False, description="`torch.compile` the training forward. Compilation is paid once per invocation, at the first step (and again for a new batch shape, e.g. a shard's short last block); it pays off on long increments on a GPU.")
+    loss_implementation: Literal["standard", "chunked"] = Field(
+        "standard",
+        description="`chunked`: the cross-entropy goes through the LM head `loss_chunk_tokens` tokens at a time and never holds the full [batch, tokens, vocabulary] logits (less peak memory with a large vocabulary, same loss and gradients); on CUDA with the `liger-kernel` package installed, Liger's fused linear cross-entropy is used. Parts that read the logits (distillation, `replay.store_logits_topk`) need `standard`.",
+    )
+    loss_chunk_tokens: int = Field(2048, gt=0, description="Tokens per chunk of the chunked loss: peak memory holds one chunk's logits (chunk x vocabulary floats).")
 
 
 
@@ -256,6 +266,26 @@ class Recipe(BaseModel):
                 raise ValueError(
                     f"replay.store_logits_topk ({self.replay.store_logits_topk}) must equal distill.topk ({self.distill.topk})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _chunked_loss_has_no_logit_readers(self) -> Recipe:
+        if self.run.loss_implementation != "chunked":
+            return self
+        if self.distill.method != "none":
+            raise ValueError(f"run.loss_implementation 'chunked' never builds the student's logits, which distill.method "
+                             f"'{self.distill.method}' reads; use run.loss_implementation: standard")
+        if self.replay.store_logits_topk:
+            raise ValueError("run.loss_implementation 'chunked' never builds the logits that replay.store_logits_topk "
+                             "keeps; use run.loss_implementation: standard")
+        return self
+
+    @model_validator(mode="after")
+    def _flash_attention_has_half_precision(self) -> Recipe:
+        half = self.model.dtype != "float32" or self.run.mixed_precision != "no"
+        if self.model.attn_implementation == "flash_attention_2" and not half:
+            raise ValueError("model.attn_implementation 'flash_attention_2' runs in bf16/fp16 only: set model.dtype "
+                             "bfloat16 or run.mixed_precision bf16")
         return self
 
     def to_yaml(self) -> str:

@@ -58,6 +58,22 @@ def collate(token_lists: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts (the next token's), ``IGNORE_INDEX`` at the last one.
+
+    Shift the labels, not the logits: slicing logits[:, :-1] and flattening it copies the whole
+    [B, T, V] tensor (and its gradient) every step; padded labels keep the logits a view.
+    """
+    import torch
+
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+def row_means(row_sums: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed token loss over its number of predicted tokens (a row with none: 0)."""
+    return row_sums / (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy per row, and the number of predicted tokens per row.
 
@@ -65,15 +81,11 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """
     import torch
 
-    # Shift the labels, not the logits: slicing logits[:, :-1] and flattening it copies the
-    # whole [B, T, V] tensor (and its gradient) every step; padded labels keep logits a view.
-    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shift = shifted_labels(labels)
     token_loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)),
-        shift_labels.reshape(-1),
+        shift.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    sums = token_loss.sum(dim=1)
-    return sums / counts.clamp(min=1), counts
+    ).view(shift.shape)
+    return row_means(token_loss.sum(dim=1), shift), (shift != IGNORE_INDEX).sum(dim=1)
