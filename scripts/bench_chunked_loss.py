@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (SmolLM2-135M has 30)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--chunk-tokens", type=int, default=2048)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="below batch x seq, or there is one chunk")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
