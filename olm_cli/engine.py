@@ -17,12 +17,14 @@ to continue lives in the checkpoint, so a run killed at any moment resumes bit-i
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +33,25 @@ import torch
 import transformers
 
 from olm_cli.batching import StepStats
+from olm_cli.checkpoint_snapshot import TrainingSnapshot, host_copy
 from olm_cli.data import BlockStream, discover_shards, is_dataset_source, rebase_position
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
-from olm_cli.modeling import save_tokenizer
 from olm_cli.recipe import Recipe
 from olm_cli.regularize.anchor import legacy_state
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
-from olm_cli.run_state import TRAINER_STATE, IncrementPlan, TrainerState, TrainOutcome
+from olm_cli.run_state import IncrementPlan, TrainerState, TrainOutcome
 from olm_cli.rundir import GracefulStop
-from olm_cli.rundir.atomic import write_text_atomic
-from olm_cli.rundir.checkpoint import loading_checkpoint, step_of
+from olm_cli.rundir.async_writer import CheckpointWriter
+from olm_cli.rundir.atomic import write_json_atomic, write_text_atomic
+from olm_cli.rundir.checkpoint import checkpoint_name, loading_checkpoint, step_of
+from olm_cli.rundir.optimizer_state import load_optimizer_state, optimizer_file_label
 from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.selectors.contract import Selection
-from olm_cli.state_files import load_tree, save_tree
+from olm_cli.state_files import load_tree
 from olm_cli.strategy import StrategyContext
 
 logger = logging.getLogger(__name__)
@@ -122,6 +126,8 @@ class Trainer:
         self.state = TrainerState.from_dict(plan.state)
         self.bad_steps = 0  # consecutive skipped batches
         self.saved_here: set[Path] = set()  # checkpoints written by this invocation
+        # Periodic checkpoints are written in the background with run.async_checkpoint (one at a time).
+        self.checkpoint_writer: CheckpointWriter[Path] = CheckpointWriter(background=recipe.run.async_checkpoint)
         self.micro_batch_used = recipe.batch.micro_batch
 
     # ------------------------------------------------------------------ setup
@@ -476,7 +482,7 @@ class Trainer:
 
                 # checkpoint.
                 if state.step % recipe.run.checkpoint_every == 0 and not self._increment_done():
-                    self._checkpoint(complete=False)
+                    self._checkpoint(complete=False, background=True)
 
         return self._finish_increment()
 
@@ -633,6 +639,7 @@ class Trainer:
         step), they are finite but diverged: ``latest`` steps back past them, so lowering the
         learning rate is enough for the next night to succeed.
         """
+        self._settle_checkpoint()  # a checkpoint still being written is latest (and may be the diverged one)
         where = (f"rolled back to {self.latest.name} (verified finite)" if self.latest is not None
                  else "no checkpoint was written")
         diverged_here = (self.latest is not None and self.latest in self.saved_here
@@ -712,19 +719,28 @@ class Trainer:
         return [{k: v.to(device) for k, v in collate(tokens[i : i + size], self.pad_id).items()}
                 for i in range(0, min(len(tokens), n * size), size)]
 
-    def _checkpoint(self, *, complete: bool) -> Path:
-        return self._checkpoint_with_weights(complete=complete)[0]
+    def _checkpoint(self, *, complete: bool, background: bool = False) -> Path:
+        return self._checkpoint_with_weights(complete=complete, background=background)[0]
 
-    def _checkpoint_with_weights(self, *, complete: bool) -> tuple[Path, dict[str, torch.Tensor] | None]:
-        """Write a checkpoint of everything; returns it and, under FSDP/DeepSpeed, the gathered weights."""
+    def _checkpoint_with_weights(self, *, complete: bool, background: bool = False
+                                 ) -> tuple[Path, dict[str, torch.Tensor] | None]:
+        """Write a checkpoint of everything; returns it and, under FSDP/DeepSpeed, the gathered weights.
+
+        ``background`` (the loop's periodic checkpoints, with ``run.async_checkpoint``): the state
+        is copied to host memory here, at the step boundary, and written while training goes on;
+        it becomes ``latest`` when :meth:`_settle_checkpoint` collects it. The previous write is
+        always settled first, so checkpoints publish in step order, one at a time.
+        """
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        self._settle_checkpoint()
         if self.bad_steps:
             # The last batches were all skipped (the data ran out, a signal or the time budget
             # came mid-streak): the weights that produced them must not become the rollback target.
             raise self._diverged()
         self._require_finite_weights()
-        path = self.checkpoints.root / f"step-{self.state.global_step:08d}"
+        step = self.state.global_step
+        path = self.checkpoints.root / checkpoint_name(step)
         # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
         sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
         full_state_dict = accelerator.get_state_dict(self.model) if sharded else None
@@ -733,14 +749,83 @@ class Trainer:
             self.state.stream = self.stream.state_dict()
             self.state.ledger = self.ledger.state_dict()
             self.state.shard_plan = [str(p) for p in self.shard_plan]
-            write = functools.partial(self._write_checkpoint, state=self.state.stamped(), full_state_dict=full_state_dict)
-            path = self.checkpoints.save(self.state.global_step, write,
-                                         metadata={"increment": self.state.increment, "complete": complete, "finite": True})
-            self.latest = path
-            self.saved_here.add(path)
-            self.ledger.save()
+            in_background = background and self.checkpoint_writer.background
+            snapshot = self._snapshot(full_state_dict, private=in_background)
+            # The replay snapshot reads the live buffer: staged now (hard links, cheap), in this thread.
+            self.checkpoints.stage(step, lambda directory: self.replay.save(directory / "replay"))
+            metadata = {"increment": self.state.increment, "complete": complete, "finite": True}
+            self.checkpoint_writer.submit(functools.partial(self._publish, step, snapshot, metadata))
+            if not in_background:
+                self._settle_checkpoint()
         accelerator.wait_for_everyone()
         return path, full_state_dict
+
+    def _snapshot(self, full_state_dict: dict[str, torch.Tensor] | None, *, private: bool) -> TrainingSnapshot:
+        """Everything the checkpoint holds (but the replay buffer) as of this step; ``private``: in host
+        memory of its own, so training may go on while it is written (docs/run-directory.md)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        # FSDP/DeepSpeed gathered the full weights; otherwise the model as saved (LoRA adapters merged).
+        model = unwrapped if full_state_dict is not None else self.partial.for_save(unwrapped)
+        parts = {
+            "selector": self.selector.state_dict(),
+            "batch": self.policy.state_dict(),
+            "distiller": self.distiller.state_dict(),
+            "regularizer": self.regularizer.state_dict(),
+            "partial": self.partial.state_dict(),
+        }
+        return TrainingSnapshot(
+            model=model,
+            weights=host_copy(full_state_dict if full_state_dict is not None else model.state_dict(), copy=private),
+            tokenizer=self._writer_tokenizer,
+            optimizer=host_copy(self.optimizer.state_dict(), copy=private),
+            rng=capture_rng(),
+            parts=host_copy(parts, copy=private),
+            trainer_state=json.dumps(self.state.stamped(), indent=1),
+            ledger=self.ledger.state_dict(),
+        )
+
+    @functools.cached_property
+    def _writer_tokenizer(self) -> Any:
+        """The tokenizer the checkpoint writer saves: a copy made once, as the data pipeline may be using
+        the original in another thread meanwhile (a Rust tokenizer refuses two borrowers at once)."""
+        return copy.deepcopy(self.tokenizer)
+
+    def _publish(self, step: int, snapshot: TrainingSnapshot, metadata: dict[str, Any]) -> Path:
+        """Write ``snapshot`` into the staged checkpoint and publish it (in the writer's thread, or this one)."""
+        path = self.checkpoints.save(step, snapshot.write, metadata=metadata, staged=True)
+        # The view `olm status` reads moves only once latest has: the ledger as of that checkpoint.
+        write_json_atomic(self.ledger.path, snapshot.ledger)
+        return path
+
+    def _settle_checkpoint(self) -> None:
+        """Wait for a checkpoint still being written; once published it is ``latest``.
+
+        A failed write (a full disk) raises its CheckpointError here, and ``latest`` stays the
+        previous checkpoint; the steps trained since are lost, as they would be by a crash.
+        """
+        path = self.checkpoint_writer.wait()
+        if path is not None:
+            self.latest = path
+            self.saved_here.add(path)
+
+    @contextlib.contextmanager
+    def checkpoint_writes(self) -> Iterator[None]:
+        """Around :meth:`train`: no checkpoint write outlives it (the caller releases the run lock next).
+
+        Training's own error is the one raised; a background write that failed as well is then
+        reported as a warning line (``latest`` is what was really published either way).
+        """
+        from rich.markup import escape
+
+        try:
+            yield
+        except BaseException:
+            try:
+                self._settle_checkpoint()
+            except Exception as exc:  # the training error is the one to report
+                self._say(f"[yellow]warning:[/] {escape(str(exc))}")
+            raise
+        self._settle_checkpoint()
 
     def _require_finite_weights(self) -> None:
         """Refuse to checkpoint NaN/Inf weights: every checkpoint (and so every rollback) is finite."""
@@ -754,36 +839,14 @@ class Trainer:
             f"not checkpointed, {where}. Lower optim.lr or check the data"
         )
 
-    def _write_checkpoint(self, directory: Path, *, state: dict[str, Any],
-                          full_state_dict: dict[str, torch.Tensor] | None) -> None:
-        """Everything a resume needs, into ``directory`` (CheckpointManager makes it durable)."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if full_state_dict is not None:
-            unwrapped.save_pretrained(directory, state_dict=full_state_dict, safe_serialization=True)
-        else:
-            self.partial.for_save(unwrapped).save_pretrained(directory, safe_serialization=True)
-        save_tokenizer(self.tokenizer, directory)  # after the model: it reads config.json for the length
-        with open(directory / "optimizer.pt", "wb") as handle:  # a plain OSError on a full disk
-            torch.save(self.optimizer.state_dict(), handle)
-        save_tree(directory / "rng", capture_rng())
-        save_tree(directory / "parts", {
-            "selector": self.selector.state_dict(),
-            "batch": self.policy.state_dict(),
-            "distiller": self.distiller.state_dict(),
-            "regularizer": self.regularizer.state_dict(),
-            "partial": self.partial.state_dict(),
-        })
-        self.replay.save(directory / "replay")  # on-disk segments: hard-linked, not copied (docs/replay.md)
-        (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-
     def _restore_parts(self, checkpoint: Path) -> None:
         """Optimizer and strategy state; a file that cannot be read raises CheckpointLoadError.
 
         OlmErrors raised on purpose (a replay snapshot written under another policy) are about
         the recipe, not the files: no older checkpoint would fix them, so they propagate.
         """
-        with loading_checkpoint(checkpoint, "optimizer.pt"):
-            optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        with loading_checkpoint(checkpoint, optimizer_file_label(checkpoint)):
+            optimizer_state = load_optimizer_state(checkpoint)  # optimizer.pt in a checkpoint of olm 0.2
         try:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as exc:

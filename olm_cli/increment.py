@@ -189,7 +189,8 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
                     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
                 trainer = _load_trainer(recipe, plan, fallback, console, main_say, stop)
                 if trainer is not None:
-                    return trainer.train()
+                    with trainer.checkpoint_writes():  # none still in flight when the lock is released
+                        return trainer.train()
     finally:
         if lock is not None:
             lock.release()

@@ -156,6 +156,7 @@ class RunConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (Accelerate).")
     checkpoint_every: int = Field(200, gt=0, description="Steps between checkpoints (one is always written at the end of an increment).")
     keep_checkpoints: int = Field(3, gt=0, description="Complete checkpoints kept on disk.")
+    async_checkpoint: bool = Field(True, description="Write the periodic checkpoints in a background thread while training continues (their state is copied to host memory at the step boundary; needs that much free RAM). A failed write is reported at the next checkpoint or the end of the increment; the final, stop and time-budget checkpoints are always waited for. false: training waits for every write.")
     log_every: int = Field(1, gt=0, description="Steps between metrics lines.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's tracker.")
     max_bad_steps: int = Field(5, gt=0, description="Consecutive NaN/Inf steps before rolling back to the last checkpoint and stopping.")

@@ -7,7 +7,7 @@ flipped on disk at the same size are never trained on. This script measures that
 realistic checkpoint: a Llama with SmolLM2-135M's shape (hidden 576, intermediate 1536, 30
 layers, 9 heads, 3 KV heads, vocabulary 49152, tied embeddings; random weights, nothing is
 downloaded), written with ``save_pretrained`` plus the AdamW state of the same shapes
-(``optimizer.pt``) through :meth:`CheckpointManager.save`, about 1.6 GB in float32.
+(``optimizer.safetensors``) through :meth:`CheckpointManager.save`, about 1.6 GB in float32.
 
 It times the cheap check (sizes only, what planning uses), then the deep check twice: with
 the files still in the page cache (as right after a save) and after asking the kernel to drop
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from olm_cli.rundir.checkpoint import CheckpointManager, format_bytes, read_manifest  # noqa: E402
+from olm_cli.rundir.optimizer_state import save_optimizer_state  # noqa: E402
 
 SMOLLM2_135M = {
     "hidden_size": 576,
@@ -86,14 +87,11 @@ def drop_from_page_cache(directory: Path) -> None:
 
 def save_checkpoint(manager: CheckpointManager, seed: int) -> tuple[Path, int, dict[str, float]]:
     """Write the checkpoint the way the engine does; model and optimizer are freed on return."""
-    import torch
-
     model, optimizer = build_model_and_optimizer(seed)
 
     def write(directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
-        with open(directory / "optimizer.pt", "wb") as handle:
-            torch.save(optimizer.state_dict(), handle)
+        save_optimizer_state(directory, optimizer.state_dict())
 
     saved: dict[str, Path] = {}
     timing = timed(lambda: saved.setdefault("path", manager.save(1, write)))

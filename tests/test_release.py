@@ -78,7 +78,7 @@ def test_release_layout_card_and_plain_from_pretrained(tmp_path: Path, model: to
     files = {p.name for p in release.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
             "release.json", "MANIFEST.json"} <= files
-    assert not files & {"optimizer.pt", "trainer_state.json"}  # model and tokenizer only, not training state
+    assert not files & {"optimizer.safetensors", "optimizer.json", "trainer_state.json"}  # not training state
     manifest = json.loads((release / "MANIFEST.json").read_text())
     assert {f["path"] for f in manifest["files"]} == files - {"MANIFEST.json"}
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])

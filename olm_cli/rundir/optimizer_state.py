@@ -54,7 +54,7 @@ def load_optimizer_state(directory: Path) -> dict[str, Any]:
         return torch.load(directory / LEGACY_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     tree = load_tree(directory / OPTIMIZER_PREFIX)
     if tree.get("format") != FORMAT:
-        raise ValueError(f"{OPTIMIZER_FILES[0]} has format {tree.get('format')!r}, this olm reads {FORMAT}")
+        raise ValueError(f"format {tree.get('format')!r}, this olm reads format {FORMAT}")
     groups = []
     for group in tree["param_groups"]:
         values = dict(group["values"])

@@ -10,27 +10,41 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import add_shard, make_documents, write_jsonl
 from e2e_helpers import (
+    REPO,
     Result,
     assert_bit_identical,
     cli,
+    last_step,
     latest,
     ledger_summary,
     make_recipe,
     olm,
+    reaped,
+    subprocess_env,
     trainer_state,
+    wait_for,
     weights,
 )
 
 from olm_cli.rundir import CheckpointManager
 from olm_cli.rundir.checkpoint import MANIFEST_FILENAME
 from olm_cli.rundir.ledger import sha256_file
+from olm_cli.rundir.optimizer_state import (
+    LEGACY_OPTIMIZER_FILE,
+    OPTIMIZER_FILES,
+    load_optimizer_state,
+)
 
 # End to end (a trained run, then real ``olm`` processes): outside the fast loop, ``-m 'not slow'``.
 pytestmark = pytest.mark.slow
@@ -57,9 +71,9 @@ def rewrite_manifest(checkpoint: Path) -> None:
     version), which verifies and then fails to load."""
     path = checkpoint / MANIFEST_FILENAME
     manifest = json.loads(path.read_text())
-    for item in manifest["files"]:
-        file = checkpoint / item["path"]
-        item["size"], item["sha256"] = file.stat().st_size, sha256_file(file)
+    files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file() and p != path)
+    manifest["files"] = [{"path": rel, "size": (checkpoint / rel).stat().st_size, "sha256": sha256_file(checkpoint / rel)}
+                         for rel in files]
     path.write_text(json.dumps(manifest))
 
 
@@ -76,6 +90,17 @@ def _garbage_state(ckpt: Path) -> None:
     state.write_bytes(b"{" + b"\xff" * (state.stat().st_size - 1))
 
 
+def _as_olm_0_2(checkpoint: Path) -> Path:
+    """Rewrite ``checkpoint`` the way olm 0.2 wrote it: the optimiser state in one ``optimizer.pt``
+    (``torch.save``) instead of ``optimizer.json`` + ``optimizer.safetensors``; the manifest follows."""
+    state = load_optimizer_state(checkpoint)
+    for name in OPTIMIZER_FILES:
+        (checkpoint / name).unlink(missing_ok=True)
+    torch.save(state, checkpoint / LEGACY_OPTIMIZER_FILE)
+    rewrite_manifest(checkpoint)
+    return checkpoint
+
+
 def _written_bad(damage: Callable[[Path], None]) -> Callable[[Path], None]:
     def both(ckpt: Path) -> None:
         damage(ckpt)
@@ -88,13 +113,18 @@ def _written_bad(damage: Callable[[Path], None]) -> Callable[[Path], None]:
 DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "weights_flipped": (_middle_of("model.safetensors"), "model.safetensors does not match its sha256"),
     "header_flipped": (_header, "model.safetensors does not match its sha256"),
-    "optimizer_flipped": (_middle_of("optimizer.pt"), "optimizer.pt does not match its sha256"),
+    "optimizer_flipped": (_middle_of("optimizer.safetensors"), "optimizer.safetensors does not match its sha256"),
     "trainer_state_garbled": (_garbage_state, "trainer_state.json does not match its sha256"),
     "file_deleted": (lambda ckpt: (ckpt / "tokenizer.json").unlink(), "tokenizer.json is missing"),
     # The manifest agrees with the damage: only loading can tell.
     "header_written_bad": (_written_bad(_header), "cannot load the model or tokenizer (Error while deserializing header"),
-    "optimizer_written_bad": (_written_bad(lambda ckpt: flip_bytes(ckpt / "optimizer.pt", 0)),
-                              "cannot load optimizer.pt (not a valid torch file: "),
+    "optimizer_written_bad": (_written_bad(lambda ckpt: flip_bytes(ckpt / "optimizer.safetensors", 0)),
+                              "optimizer.safetensors is unreadable (Error while deserializing header"),
+    "optimizer_structure_written_bad": (_written_bad(lambda ckpt: (ckpt / "optimizer.json").write_text("{}")),
+                                        "cannot load optimizer.json (format None, this olm reads format 1)"),
+    # A checkpoint of olm 0.2 keeps the optimiser in optimizer.pt (torch.save), still read when bad.
+    "legacy_optimizer_written_bad": (_written_bad(lambda ckpt: flip_bytes(_as_olm_0_2(ckpt) / "optimizer.pt", 0)),
+                                     "cannot load optimizer.pt (not a valid torch file: "),
     "trainer_state_written_bad": (_written_bad(_garbage_state), "trainer_state.json is unreadable ("),
 }
 
@@ -145,6 +175,30 @@ def test_unusable_latest_falls_back_to_the_previous_checkpoint(tmp_path: Path, d
     assert following.code == 0 and following.json()["increment"] == reference["state"]["increment"] + 1
     assert "warning:" not in following.text
     assert {status for status, _, _ in ledger_summary(run_dir).values()} == {"done"}
+
+
+def test_a_checkpoint_of_olm_0_2_resumes_bit_identically(tmp_path: Path) -> None:
+    """Upgrading olm mid-increment: the checkpoint to continue from has ``optimizer.pt``, not the
+    safetensors files; it is read (``torch.load(weights_only=True)``) and the increment ends
+    with the very weights an uninterrupted run reached, its next checkpoints in the new format."""
+    recipe, run_dir, reference = _trained_run(tmp_path)
+    checkpoints = CheckpointManager(run_dir / "checkpoints")
+    final = latest(run_dir)
+    older = checkpoints.list()[-2]
+    assert not trainer_state(older)["increment_complete"]
+    _as_olm_0_2(older)
+    assert checkpoints.step_back(final) == older  # as if the run had stopped there
+    shutil.rmtree(final)
+
+    result = cli("train", "--config", recipe, "--json")
+
+    assert result.code == 0, result.text
+    assert "warning:" not in result.text
+    assert result.json()["status"] == "increment_complete"
+    assert_bit_identical(weights(latest(run_dir)), reference["weights"])
+    assert ledger_summary(run_dir) == reference["ledger"]
+    written = {p.name for p in latest(run_dir).iterdir()}
+    assert set(OPTIMIZER_FILES) <= written and LEGACY_OPTIMIZER_FILE not in written
 
 
 def test_no_usable_checkpoint_is_an_error_not_a_silent_fresh_start(tmp_path: Path) -> None:
@@ -212,3 +266,64 @@ def test_eval_refuses_a_corrupt_checkpoint_in_one_line(tmp_path: Path) -> None:
     merged = cli("merge", broken, previous, "--out", tmp_path / "merged")
     assert merged.code == 1 and not (tmp_path / "merged").exists()
     assert merged.err.strip() == f"error: {broken}: model.safetensors does not match its sha256"
+
+
+# A real ``olm train`` whose second checkpoint write stalls (a slow disk): the first one is written
+# normally, the second signals that it started and then sleeps in the writer thread.
+_STALLING_OLM = """
+import sys, time
+from pathlib import Path
+from olm_cli import checkpoint_snapshot
+from olm_cli.cli import main
+
+marker, real_write, writes = Path(sys.argv[1]), checkpoint_snapshot.TrainingSnapshot.write, []
+
+def stalling_write(self, directory):
+    writes.append(directory)
+    if len(writes) == 2:
+        marker.write_text(directory.name)
+        time.sleep(600)
+    real_write(self, directory)
+
+checkpoint_snapshot.TrainingSnapshot.write = stalling_write
+sys.argv = ["olm", *sys.argv[2:]]
+main()
+"""
+
+
+def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """Training goes on while a checkpoint is written; killed then, ``latest`` is still the one
+    before it, and a plain rerun ends bit-identical to a run never interrupted."""
+    shards = [("alpha", 0), ("beta", 0)]
+    reference = cli("train", "--config", make_recipe(tmp_path / "reference", shards=shards, docs=12, **SECTIONS), "--json")
+    assert reference.code == 0, reference.text
+    ref_weights = weights(latest(tmp_path / "reference" / "run"))
+    recipe = make_recipe(tmp_path / "trial", shards=shards, docs=12, **SECTIONS)
+    run_dir = tmp_path / "trial" / "run"
+    marker = tmp_path / "second-write-started"
+    log = tmp_path / "trial.log"
+
+    with open(log, "wb") as handle:  # the child keeps its own descriptor
+        child = subprocess.Popen([sys.executable, "-c", _STALLING_OLM, str(marker), "train", "--config", str(recipe)],
+                                 stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+    with reaped(child) as proc:
+        wait_for(marker.exists, proc, timeout=TIMEOUT, what="the second checkpoint write")
+        # The step-6 checkpoint is being written in the background; the loop trains on meanwhile.
+        wait_for(lambda: last_step(run_dir) >= 8, proc, timeout=TIMEOUT, what="training past the stalled write")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+
+    checkpoints = CheckpointManager(run_dir / "checkpoints")
+    assert [p.name for p in checkpoints.list()] == ["step-00000003"]
+    assert latest(run_dir).name == "step-00000003"
+    assert (checkpoints.root / ".tmp-step-00000006").is_dir()  # the write in flight, never published
+    assert json.loads((run_dir / "ledger.json").read_text())["shards"] == trainer_state(latest(run_dir))["ledger"]["shards"]
+
+    result = cli("train", "--config", recipe, "--json")
+
+    assert result.code == 0, result.text
+    assert result.json()["status"] == "increment_complete"
+    assert_bit_identical(weights(latest(run_dir)), ref_weights)
+    assert ledger_summary(run_dir) == ledger_summary(tmp_path / "reference" / "run")
+    assert not [p.name for p in checkpoints.root.iterdir() if p.name.startswith(".")]

@@ -193,7 +193,7 @@ def test_every_file_of_the_run_directory_follows_the_umask(nightly: NightlyRun) 
     # The files the issue names are all there, so the check below covers them.
     for name in ("ledger.json", "metrics.jsonl", "recipe.yaml", "eval/matrix.json"):
         assert name in written, sorted(written)
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.pt",
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "optimizer.json",
                  "trainer_state.json", "MANIFEST.json", "rng.safetensors"):
         assert (checkpoint / name).is_file(), name
     assert any(p.startswith("replay/") for p in written) and (checkpoint / "replay").is_dir()

@@ -60,7 +60,7 @@ def test_a_completed_increment_is_released_and_loads_with_plain_transformers(tmp
     release = run_dir / "releases" / "latest"
     _assert_loads_and_finite(release)
     # Model and tokenizer only: the training state stays in checkpoints/.
-    assert not (release / "optimizer.pt").exists() and not (release / "replay").exists()
+    assert not (release / "optimizer.safetensors").exists() and not (release / "replay").exists()
     card = (release / "README.md").read_text()
     assert "alpha" in card and "beta" in card
     info = json.loads((release / "release.json").read_text())
