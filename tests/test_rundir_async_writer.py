@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
-from olm_cli.rundir.async_writer import CheckpointWriter
+from olm_cli.rundir.async_writer import WRITER_NICENESS, CheckpointWriter
 
 
 def test_background_job_runs_in_another_thread_while_the_caller_goes_on() -> None:
@@ -65,3 +66,14 @@ def test_synchronous_writer_runs_the_job_inside_submit() -> None:
     with pytest.raises(OSError):
         writer.submit(failing)  # the synchronous path fails where it is called
     assert not writer.in_flight
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"),
+                    reason="per-thread nice values are a Linux feature")
+def test_the_writer_thread_yields_the_cpu_to_training() -> None:
+    """A background write runs niced, so on a busy machine the training thread keeps its core."""
+    writer: CheckpointWriter[int] = CheckpointWriter(background=True)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    writer.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert writer.wait() == min(19, mine + WRITER_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller is untouched
