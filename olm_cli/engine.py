@@ -40,6 +40,7 @@ from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
+from olm_cli.pipeline import ShuffleStream, build_training_stream, json_position
 from olm_cli.recipe import Recipe
 from olm_cli.regularize.anchor import legacy_state
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
@@ -129,6 +130,7 @@ class Trainer:
         # Periodic checkpoints are written in the background with run.async_checkpoint (one at a time).
         self.checkpoint_writer: CheckpointWriter[Path] = CheckpointWriter(background=recipe.run.async_checkpoint)
         self.micro_batch_used = recipe.batch.micro_batch
+        self.restored_stream: dict[str, Any] | None = None  # the data position in the latest checkpoint's parts
 
     # ------------------------------------------------------------------ setup
 
@@ -149,8 +151,7 @@ class Trainer:
         model = self.partial.prepare(model, self.state.increment)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
         self._setup_speed_options()  # after prepare: compile the module that will really run
-        # The training stream quarantines the rest of a shard at a bad record (the ledger is told).
-        self.stream = self._make_stream(bad_records="quarantine")
+        self.stream = self._make_training_stream()
         self.stream.warn = lambda message: self._say(f"[yellow]warning:[/] {message}")
         if self.latest is not None:
             self._restore_parts(self.latest)
@@ -246,7 +247,7 @@ class Trainer:
         """A new increment: its data position, schedule, seeds, and every part's start."""
         recipe, state = self.recipe, self.state
         if self.plan.carried_state is not None:
-            self.stream.load_state_dict(rebase_position(self.plan.carried_state, self.shard_plan))
+            self.stream.load_state_dict(rebase_position(self.restored_stream or self.plan.carried_state, self.shard_plan))
         if self.latest is None or recipe.optim.reset_optimizer:
             self.optimizer.state.clear()
         self._say(f"increment {state.increment}: {len(self.shard_plan)} shard(s), "
@@ -273,7 +274,7 @@ class Trainer:
         """The rest of an interrupted increment: data position and generators as checkpointed."""
         assert self.latest is not None
         assert self.state.stream is not None, "a mid-increment checkpoint always holds the data position"
-        self.stream.load_state_dict(self.state.stream)
+        self.stream.load_state_dict(self.restored_stream or self.state.stream)
         with loading_checkpoint(self.latest, "the RNG state"):
             restore_rng(load_tree(self.latest / "rng"))
         self._say(f"resuming increment {self.state.increment} at step {self.state.step} from {self.latest.name}")
@@ -283,6 +284,21 @@ class Trainer:
     def _increment_start(self) -> IncrementStart:
         return IncrementStart(increment=self.state.increment, resuming=self.resuming,
                               from_random_init=self.recipe.model.init == "scratch" and self.state.increment == 1)
+
+    def _make_training_stream(self) -> ShuffleStream:
+        """The stream the loop takes from: read ahead by a worker thread (``data.prefetch`` steps),
+        through the shuffle buffer (``data.shuffle_buffer``); see olm_cli/pipeline.py.
+
+        It quarantines the rest of a shard at a bad record (the ledger is told). The counting,
+        consolidation and replay-seed streams stay plain :meth:`_make_stream` ones.
+        """
+        data = self.recipe.data
+        return build_training_stream(
+            self._make_stream(bad_records="quarantine"),
+            replica=functools.partial(self._make_stream, bad_records="quarantine"),
+            step_blocks=math.ceil(self._new_blocks_per_step()), prefetch_steps=data.prefetch,
+            shuffle_buffer=data.shuffle_buffer, seed=[self.recipe.run.seed, self.state.increment],
+        )
 
     def _make_stream(self, shards: list[Path] | None = None, *, bad_records: str = "raise") -> BlockStream:
         """A block stream over ``shards`` (default: this increment's plan) with the recipe's data settings."""
@@ -406,7 +422,8 @@ class Trainer:
         # Rate and ETA count only what this invocation trains (a resume starts mid-increment).
         self.loop_first = (state.step, state.tokens)
         stopping = contextlib.nullcontext(self.stop) if self.stop is not None else GracefulStop()
-        with stopping as stop, self._progress() as progress:
+        # closing: the read-ahead worker stops with the loop (the increment's end reads inline).
+        with stopping as stop, self._progress() as progress, contextlib.closing(self.stream):
             task = progress.add_task(f"increment {state.increment}", total=state.horizon, completed=state.step) if progress else None
             while not self._increment_done():
                 if stop.requested and state.step == first_step:
@@ -746,7 +763,8 @@ class Trainer:
         full_state_dict = accelerator.get_state_dict(self.model) if sharded else None
         if accelerator.is_main_process:
             self.state.increment_complete = complete
-            self.state.stream = self.stream.state_dict()
+            self.stream_position = self.stream.state_dict()  # in parts: it may hold the shuffle buffer's arrays
+            self.state.stream = json_position(self.stream_position)  # for the torch-free planner
             self.state.ledger = self.ledger.state_dict()
             self.state.shard_plan = [str(p) for p in self.shard_plan]
             in_background = background and self.checkpoint_writer.background
@@ -772,6 +790,7 @@ class Trainer:
             "distiller": self.distiller.state_dict(),
             "regularizer": self.regularizer.state_dict(),
             "partial": self.partial.state_dict(),
+            "stream": self.stream_position,
         }
         return TrainingSnapshot(
             model=model,
@@ -861,6 +880,7 @@ class Trainer:
             self.distiller.load_state_dict(parts.get("distiller", {}))
             self.regularizer.load_state_dict(parts.get("regularizer", {}))
             self.partial.load_state_dict(parts.get("partial", {}))
+            self.restored_stream = parts.get("stream")  # absent in checkpoints of olm 0.2: trainer_state.json's
         with loading_checkpoint(checkpoint, "the replay buffer", keep=(OlmError,)):
             if (checkpoint / "replay").exists():  # absent when the run had no replay until now
                 self.replay.load(checkpoint / "replay")

@@ -30,6 +30,7 @@ from olm_cli.errors import (
     DataError,
     RecipeError,
 )
+from olm_cli.pipeline import buffered_shards
 from olm_cli.recipe import Recipe
 from olm_cli.run_state import TRAINER_STATE, IncrementPlan, TrainOutcome
 from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
@@ -129,7 +130,8 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
 
     # Every shard the carried position has opened is the stream's business: its unread part is
     # in carried_shards, its read-but-untrained blocks are pending. Never plan it afresh.
-    carried_set = {str(p) for p in plan.carried_state["shards"]} if plan.carried_state else set()
+    carried = plan.carried_state
+    carried_set = {str(p) for p in carried["shards"]} | buffered_shards(carried) if carried else set()
     limit = recipe.run.max_shards_per_increment
     shards: list[Path] = list(carried_shards)
     for entry in ledger.plan(None):

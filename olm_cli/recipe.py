@@ -108,6 +108,16 @@ class DataConfig(Section):
         description="A document over `max_document_tokens`: `split` into pieces of at most that many tokens, each packed like a document, or `skip` it. Either way a warning names the shard and record, and the ledger entry counts them.",
     )
     allow_empty: bool = Field(False, description="Let a `shards` pattern match no file (then there is simply nothing to do). Off: such a pattern is a recipe error (exit 2), so a typo or an unmounted disk is not mistaken for a quiet night.")
+    prefetch: int = Field(
+        4,
+        ge=0,
+        description="Steps' worth of blocks a background thread reads, tokenises and packs ahead of the training step, so the step does not wait for tokenisation (0: read inline). The blocks, the ledger and every checkpoint are the same as inline.",
+    )
+    shuffle_buffer: int = Field(
+        0,
+        ge=0,
+        description="Blocks held in a shuffle buffer; each block trained is drawn at random from it (seeded by run.seed and the increment, checkpointed), so a batch mixes documents, shards and domains of the increment. A shard is done once none of its blocks is left in the buffer; the buffer drains at the end of the data. 0: off, blocks in reading order.",
+    )
 
     @field_validator("domain_pattern")
     @classmethod

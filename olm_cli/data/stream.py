@@ -585,6 +585,8 @@ def position_has_work(state: dict[str, Any] | None) -> bool:
     """Whether a saved data position still holds data: unread shards, blocks or a carry."""
     if not state:
         return False
+    if (state.get("shuffle") or {}).get("buffered"):
+        return True  # blocks waiting in the training stream's shuffle buffer (olm_cli/pipeline.py)
     if state.get("format") != STREAM_FORMAT:
         return bool(position_unread_shards(state) or state.get("pending"))
     unit = state["unit"]
