@@ -31,11 +31,11 @@ $OLM status --run runs/quickstart
 $OLM replay-inspect --run runs/quickstart --show 1
 
 echo
-echo "== the checkpoint is a plain transformers model"
+echo "== the release (what serving reads) is a plain transformers model"
 .venv/bin/python - <<'PY'
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-path = "runs/quickstart/checkpoints/latest"
+path = "runs/quickstart/releases/latest"
 model = AutoModelForCausalLM.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
 ids = tokenizer("def ", return_tensors="pt").input_ids
