@@ -45,7 +45,7 @@ from olm_cli.recipe import Recipe
 from olm_cli.regularize.anchor import legacy_state
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
 from olm_cli.run_state import IncrementPlan, TrainerState, TrainOutcome
-from olm_cli.rundir import GracefulStop
+from olm_cli.rundir import GracefulStop, ShardStatus
 from olm_cli.rundir.async_writer import CheckpointWriter
 from olm_cli.rundir.atomic import write_json_atomic, write_text_atomic
 from olm_cli.rundir.checkpoint import checkpoint_name, loading_checkpoint, step_of
@@ -254,8 +254,12 @@ class Trainer:
                   + (f"starting from {self.latest.name}" if self.latest is not None else "starting from the base model"))
         state.horizon = self._horizon()
         seed_everything(recipe.run.seed + state.increment)
+        # A carried plan starts at the shard its saved unit began in, so it can name shards already
+        # finished (their last token trained last time): reopened, one would stay in progress for
+        # good and be planned again once it left the plan.
+        still_to_train = (ShardStatus.PENDING, ShardStatus.IN_PROGRESS)
         for path in self.shard_plan:
-            if not is_dataset_source(path):
+            if not is_dataset_source(path) and self.ledger.get(path).status in still_to_train:
                 self.ledger.mark_in_progress(str(path), state.increment)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.distiller.begin_increment(unwrapped, self._increment_start())

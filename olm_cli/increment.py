@@ -19,6 +19,7 @@ from olm_cli.data import (
     dataset_source,
     discover_shards,
     position_has_work,
+    position_owned_shards,
     position_unread_shards,
     shard_format,
 )
@@ -128,10 +129,11 @@ def plan_increment(recipe: Recipe, say: Any = print, *, main_process: bool = Tru
     for entry in scan.missing:
         say(f"[yellow]warning:[/] {entry.path} is queued but its file is gone")
 
-    # Every shard the carried position has opened is the stream's business: its unread part is
-    # in carried_shards, its read-but-untrained blocks are pending. Never plan it afresh.
+    # Every shard the carried position still has tokens of is the stream's business: its unread
+    # part is in carried_shards, its read-but-untrained tokens are in the carry, cut blocks or the
+    # shuffle buffer (a tail can wait there for several increments). Never plan it afresh.
     carried = plan.carried_state
-    carried_set = {str(p) for p in carried["shards"]} | buffered_shards(carried) if carried else set()
+    carried_set = set(position_owned_shards(carried)) | buffered_shards(carried) if carried else set()
     limit = recipe.run.max_shards_per_increment
     shards: list[Path] = list(carried_shards)
     for entry in ledger.plan(None):

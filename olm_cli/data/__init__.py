@@ -24,6 +24,7 @@ from olm_cli.data.stream import (
     LONG_DOCUMENT_POLICIES,
     BlockStream,
     position_has_work,
+    position_owned_shards,
     position_unread_shards,
     read_blocks,
     rebase_position,
@@ -36,6 +37,7 @@ _load_streaming = load_streaming
 __all__ = [
     "DATASET_PREFIX", "DOCUMENT_CHUNK_CHARS", "LONG_DOCUMENT_POLICIES", "SHARD_SUFFIXES", "BadRecord", "BlockStream",
     "Packer", "chunk_end", "check_shard", "dataset_source", "discover_shards", "domain_of", "is_dataset_source",
-    "load_streaming", "open_reader", "position_has_work", "position_unread_shards", "read_blocks", "rebase_position",
+    "load_streaming", "open_reader", "position_has_work", "position_owned_shards",
+    "position_unread_shards", "read_blocks", "rebase_position",
     "shard_format", "validate_shard",
 ]

@@ -482,6 +482,8 @@ class BlockStream:
         self._bytes_read = int(unit["bytes_read"])
         self._pending = [Block(np.asarray(b["tokens"], dtype=np.int32), b["shard"], b["domain"],
                                tuple((str(s), int(n)) for s, n in b["spans"])) for b in unit.get("blocks", [])]
+        if unit.get("flush"):  # the end of an earlier plan, continued by a longer one (rebase_position)
+            self._pending.extend(self._packer.flush(self.min_block_tokens))
         if self._shard_index >= len(self.shards):
             return
         document = unit["document"]
@@ -576,9 +578,33 @@ def _from_legacy_position(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def position_unread_shards(state: dict[str, Any]) -> list[str]:
-    """Shards a saved data position has not finished reading (the one being read first)."""
+    """Shards a saved data position has not finished reading (the one being read first).
+
+    Counted from the shard its unit began in, which a continuation reads again, so the list can
+    start with shards whose last tokens are trained already: a plan re-lists them, and the
+    engine does not reopen a shard the ledger has finished.
+    """
     index = int(state["unit"]["shard_index"]) if state.get("format") == STREAM_FORMAT else int(state["shard_index"])
     return [str(s) for s in state["shards"][index:]]
+
+
+def position_owned_shards(state: dict[str, Any]) -> list[str]:
+    """Shards a saved data position still has tokens of: every one the planner must leave to it.
+
+    That is the shards it has not finished reading (:func:`position_unread_shards`) and those it
+    has read to their end whose last tokens wait in its carry or in blocks it has cut. The latter
+    are not in the unread list, nor in the shard plan of an increment after the one that read
+    them, yet a tail can wait in its domain's carry for several increments while new data reaches
+    only other domains: planned afresh from the ledger, such a shard would be trained twice.
+    """
+    if state.get("format") != STREAM_FORMAT:  # olm 0.2: shards read to their end, blocks cut from them
+        held = [*state.get("finished_pending", []), *(block["shard"] for block in state.get("pending", []))]
+    else:
+        unit = state["unit"]
+        held = [*unit["closed"],
+                *(shard for carry in unit["carry"].values() for shard, _ in carry["spans"]),
+                *(shard for block in unit.get("blocks", []) for shard, _ in block["spans"])]
+    return list(dict.fromkeys([*map(str, held), *position_unread_shards(state)]))
 
 
 def position_has_work(state: dict[str, Any] | None) -> bool:
@@ -597,11 +623,20 @@ def position_has_work(state: dict[str, Any] | None) -> bool:
 def rebase_position(state: dict[str, Any], plan: Sequence[Path]) -> dict[str, Any]:
     """Continue a previous increment's data position with a longer shard plan.
 
-    The plan starts with the shards the position had not finished (:func:`position_unread_shards`).
+    The plan starts with the shards the position had not finished (:func:`position_unread_shards`),
+    so the saved unit, replayed over it, cuts the same first blocks: reading more documents only
+    adds blocks after them. Except at the end of the old plan, where the unit flushed its carry
+    into final blocks instead of reading: if some of those were handed out (trained, or put in
+    the shuffle buffer), the unit is marked to flush first again, or its replay would cut other
+    blocks from the new data and drop those as handed out (tokens lost, others trained twice).
+    With none handed out, the carry simply continues into the new data.
     """
     if state.get("format") != STREAM_FORMAT:
         state = _from_legacy_position(state)
     unit = dict(state["unit"])
+    flushing = int(unit["shard_index"]) >= len(state["shards"]) and unit["document"] is None
+    if flushing and int(state["handed_out"]):
+        unit["flush"] = True
     unit["shard_index"] = 0
     return {**state, "shards": [str(p) for p in plan], "unit": unit}
 
