@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,19 +68,15 @@ class LwfDistiller:
         return distil_from(self.teacher, student_logits, batch, self.temperature)
 
     def _keep(self, model: torch.nn.Module, increment: int) -> None:
-        """Write the start model next to the run's checkpoints (temp dir, then one rename)."""
+        """Write the start model next to the run's checkpoints, complete or not at all."""
         from olm_cli.partial import model_for_save
-        from olm_cli.rundir.atomic import apply_umask
+        from olm_cli.rundir.atomic import publishing_directory
 
         if self.start_dir is None:
             return
-        tmp = self.start_dir.with_name(f".{START_DIR}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model_for_save(model).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "increment.json").write_text(json.dumps({"increment": increment}), encoding="utf-8")
-        apply_umask(tmp)  # safetensors writes 0600; the run directory follows the umask
-        shutil.rmtree(self.start_dir, ignore_errors=True)
-        os.replace(tmp, self.start_dir)
+        with publishing_directory(self.start_dir) as staged:
+            model_for_save(model).save_pretrained(staged, safe_serialization=True)
+            (staged / "increment.json").write_text(json.dumps({"increment": increment}), encoding="utf-8")
 
     def _restore(self, increment: int) -> torch.nn.Module | None:
         if self.start_dir is None or self._load is None:
