@@ -33,6 +33,7 @@ from olm_cli.errors import (
 )
 from olm_cli.pipeline import buffered_shards
 from olm_cli.recipe import Recipe
+from olm_cli.release import HISTORY_FILENAME, RELEASES_DIR
 from olm_cli.run_state import TRAINER_STATE, IncrementPlan, TrainOutcome
 from olm_cli.rundir import CheckpointManager, GracefulStop, RunLock, ShardLedger
 from olm_cli.rundir.atomic import write_text_atomic
@@ -215,7 +216,7 @@ def release_pending(recipe: Recipe, plan: IncrementPlan) -> bool:
     if not recipe.release.enabled or plan.latest is None or plan.resuming or not plan.state.get("increment_complete"):
         return False
     increment = int(plan.state.get("increment", 0))
-    history = Path(recipe.run.dir) / "releases" / "history.jsonl"
+    history = Path(recipe.run.dir) / RELEASES_DIR / HISTORY_FILENAME
     try:
         lines = history.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
