@@ -1,7 +1,8 @@
 """The ``olm`` command line. Thin: it parses arguments and calls one function per command.
 
-Exit codes: 0 ok (or nothing to do), 1 failure, 2 recipe/usage error, 75 run directory locked,
-130 interrupted by SIGINT, 143 stopped by SIGTERM (a checkpoint was written in both cases).
+Exit codes: 0 ok (or nothing to do), 1 failure, 2 recipe/usage error, 3 trained but not released,
+75 run directory locked, 130 interrupted by SIGINT, 143 stopped by SIGTERM (a checkpoint was
+written in both cases).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ app = typer.Typer(
     name="olm",
     help="Keep a causal language model learning as new text shards arrive.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: typer's shell completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+PROG_NAME = "olm"  # also under `python -m olm_cli`: completion scripts complete the `olm` command
 # Off a terminal (cron, log files) these never wrap a line: see olm_cli/console.py.
 console = make_console()
 err_console = make_console(stderr=True)
@@ -38,6 +41,32 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when olm runs uninstalled."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("olm")
+    except PackageNotFoundError:
+        from olm_cli import __version__
+
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"olm {package_version()}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="Print olm's version and exit.")] = False,
+) -> None:
+    """Keep a causal language model learning as new text shards arrive."""
 
 
 @app.command()
@@ -169,6 +198,61 @@ def merge(
     console.print(f"merged {len(checkpoints)} checkpoints → {path}")
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or, with --chat, the user's message). Empty: start a new document.")],
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory: generates from releases/latest (its latest checkpoint when there is no release yet).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint, a release or any HF model directory.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most (fewer if the model ends the text).")] = 100,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0: greedy (the default); above 0: sample at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sample from the smallest set of tokens whose probability reaches P (with --temperature > 0).")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (default: a fresh one, reported with --json).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template as a user turn (exit 2 if it has none).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print prompt, text, tokens and seconds as JSON instead of streaming the text.")] = False,
+) -> None:
+    """Generate text from a run's release or a checkpoint, to see what the model has learnt.
+
+    Examples: olm generate --run runs/quickstart --prompt "def main(" -n 40;
+    olm generate --checkpoint runs/quickstart/checkpoints/latest -p "To be" --temperature 0.8 --top-p 0.95 --seed 1 --json
+    """
+    from olm_cli.generate import Sampling, run_generate
+
+    run_generate(run=run, checkpoint=checkpoint, prompt=prompt, max_new_tokens=max_new_tokens,
+                 sampling=Sampling(temperature, top_p, seed), chat=chat, as_json=json_out,
+                 say=lambda line: err_console.print(line, highlight=False, markup=False))
+
+
+def _template_names() -> list[str]:
+    from olm_cli.init_recipe import list_templates
+
+    return [item.name for item in list_templates()]
+
+
+@app.command()
+def init(
+    template: Annotated[str, typer.Option("--template", "-t", autocompletion=_template_names,
+                                          help="scratch, pretrained, gguf or hub-dataset (see --list).")] = "scratch",
+    out: Annotated[str, typer.Option("--out", "-o", help="File to write; '-' prints the recipe instead.")] = "recipe.yaml",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    list_templates: Annotated[bool, typer.Option("--list", help="List the templates and exit.")] = False,
+) -> None:
+    """Write a commented starter recipe that validates, then edit its paths and train.
+
+    Examples: olm init --template pretrained --out nightly.yaml; olm init --list; olm init -t gguf --out - | less
+    """
+    from olm_cli import init_recipe
+
+    if list_templates:
+        for item in init_recipe.list_templates():
+            console.print(f"[bold]{item.name:<12}[/] {item.summary}", highlight=False)
+        return
+    path = init_recipe.write_starter(template, out, force=force)
+    if path is not None:
+        err_console.print(f"wrote the {template} starter recipe to {path}", highlight=False, markup=False)
+        err_console.print("edit its data and eval paths, then run:", highlight=False)
+        console.print(init_recipe.run_command(out), highlight=False, markup=False)
+
+
 def main() -> None:
     # Library download/loading bars would interleave with olm's own progress and logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -176,7 +260,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         # Without standalone mode click returns (rather than raises) the code of typer.Exit.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name=PROG_NAME)
         sys.exit(code if isinstance(code, int) else 0)
     except OlmError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
