@@ -211,6 +211,8 @@ def open_checkpoint(directory: Path, say: Callable[[str], object],
 
     if not directory.is_dir():
         raise OlmError(f"{directory}: no such checkpoint directory")
+    if (directory / "recipe.yaml").is_file() and (directory / "checkpoints").is_dir():
+        raise RecipeError(f"--checkpoint {directory} is a run directory; use --run {directory}")
     _verified(directory)
     run = _enclosing_run(directory)
     kind = "directory"

@@ -234,4 +234,6 @@ def test_run_generates_from_the_release_then_falls_back_to_a_checkpoint(tmp_path
     assert fallback.code == 0, fallback.err
     assert json.loads(fallback.out)["source"] == "checkpoint"
     assert "has no release yet" in fallback.err and "step-00000004" in fallback.err
+    mixed_up = cli("generate", "--checkpoint", run, "-p", "the river")
+    assert mixed_up.code == 2 and "is a run directory; use --run" in mixed_up.err
     assert json.loads(fallback.out)["text"] == report["text"]  # the release holds the same weights
