@@ -312,6 +312,8 @@ def run_generate(
 
     def check(tokenizer: Any, path: Path) -> None:  # before the weights are loaded: see load_for_generation
         encoded.append(encode_prompt(tokenizer, prompt, chat=chat, where=path))
+        if not chat and getattr(tokenizer, "chat_template", None):
+            say("note: this tokenizer has a chat template; add --chat to send the prompt as a user turn")
 
     if run is not None:
         source, model, tokenizer = open_run(Path(run), say, check)

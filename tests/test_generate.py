@@ -137,6 +137,10 @@ def test_chat_uses_the_template_and_refuses_a_tokenizer_without_one(model_dir: P
     expected = tokenizer("<user>hello</user><bot>", add_special_tokens=False)["input_ids"]
     assert json.loads(result.out)["prompt_tokens"] == len(expected)
     assert json.loads(result.out)["chat"] is True
+    assert "add --chat" not in result.err
+    plain = cli("generate", "--checkpoint", chat_dir, "--prompt", "hello", "-n", "4", "--json")
+    assert plain.code == 0 and json.loads(plain.out)["prompt_tokens"] < len(expected)
+    assert "has a chat template; add --chat" in plain.err
 
 
 def test_context_limit_caps_new_tokens_and_refuses_a_prompt_that_fills_it(model_dir: Path) -> None:
