@@ -240,11 +240,13 @@ def init(
 
     Examples: olm init --template pretrained --out nightly.yaml; olm init --list; olm init -t gguf --out - | less
     """
+    from rich.markup import escape
+
     from olm_cli import init_recipe
 
     if list_templates:
         for item in init_recipe.list_templates():
-            console.print(f"[bold]{item.name:<12}[/] {item.summary}", highlight=False)
+            console.print(f"[bold]{item.name:<12}[/] {escape(item.summary)}", highlight=False)
         return
     path = init_recipe.write_starter(template, out, force=force)
     if path is not None:
