@@ -177,6 +177,27 @@ def replay_inspect(
 
 
 @app.command()
+def report(
+    run: Annotated[Path, typer.Option("--run", help="Run directory.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for index.html and report.json (default: RUN/report, regenerated freely).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --out replace an index.html or report.json already there.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the gathered data (what the figures show) as JSON.")] = False,
+) -> None:
+    """One self-contained HTML page of a run: loss, lr and tokens/s per step by increment, eval loss
+    per domain, the forgetting matrix, replay, the ledger and the release history.
+
+    Example: olm report --run runs/quickstart   (then open runs/quickstart/report/index.html)
+    """
+    from olm_cli.report import write_report
+
+    result = write_report(run, out, force=force)
+    if json_out:
+        _print_json({"page": str(result.page), "seconds": round(result.seconds, 3), **result.data})
+    else:
+        console.print(f"report → {result.page} ({result.seconds:.1f} s)", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def merge(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (HF format) to average.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],

@@ -35,14 +35,25 @@ def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
             console.print(f"evaluating {len(recipe.eval.sets)} domain(s) after increment {increment}")
         results = record_increment_eval(run_dir, recipe, model, tokenizer, increment=increment, trained=trained,
                                         step=step, console=console)
-    if not recipe.release.enabled:
-        return None
-    result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step, checkpoint=checkpoint,
-                             eval_results=results, tokens_trained=tokens_trained, state_dict=state_dict)
-    # A refusal is the caller's last line (and exit code 3); a release is reported here.
-    if console is not None and result.released:
-        console.print(result.message, highlight=False)
+    result = None
+    if recipe.release.enabled:
+        result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step,
+                                 checkpoint=checkpoint, eval_results=results, tokens_trained=tokens_trained,
+                                 state_dict=state_dict)
+        # A refusal is the caller's last line (and exit code 3); a release is reported here.
+        if console is not None and result.released:
+            console.print(result.message, highlight=False)
+    if recipe.eval.report:  # last: the page shows this increment's eval and gate verdict
+        from olm_cli.report import refresh_after_increment
+
+        refresh_after_increment(run_dir, say=_plain_line(console))
     return result
+
+
+def _plain_line(console: Any) -> Any:
+    if console is None:
+        return None
+    return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, Any], console: Any = None) -> Any:

@@ -9,13 +9,21 @@ with its YAML path and a did-you-mean hint for typos.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from olm_cli.batching.config import BatchConfig
 from olm_cli.config_base import IGNORE_INAPPLICABLE_KEYS, Section
@@ -212,6 +220,17 @@ class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="Blocks per evaluation forward.")
     after_increment: bool = Field(True, description="Evaluate every domain after each increment and add a row to the continual-learning matrix.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Release gate: loss budgets against the previous release.")
+    report: bool = Field(False, description="Regenerate `RUN/report/` (`olm report`'s HTML page and figures) after every increment; needs matplotlib (`pip install 'olm[report]'`). A report that cannot be drawn is a warning, never a failed increment.")
+
+    @field_validator("report")
+    @classmethod
+    def _report_can_be_drawn(cls, value: bool, info: ValidationInfo) -> bool:
+        """Say so at validation, not after a night's training; a run's own recipe.yaml is not
+        refused on a machine without matplotlib (the engine then warns once per increment)."""
+        written_by_olm = bool(info.context and info.context.get(IGNORE_INAPPLICABLE_KEYS))
+        if value and not written_by_olm and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("needs matplotlib, which is not installed: pip install 'olm[report]'")
+        return value
 
     @model_validator(mode="after")
     def _gate_can_be_measured(self) -> EvalConfig:

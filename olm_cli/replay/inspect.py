@@ -142,6 +142,16 @@ def inspect_replay(
     return report
 
 
+def summarize_replay(buffer_dir: Path) -> dict[str, Any]:
+    """What ``olm replay-inspect --json`` reports about a snapshot, without printing or previews."""
+    try:
+        reader = SnapshotReader(Path(buffer_dir))
+    except CheckpointError as exc:
+        raise DataError(str(exc)) from exc
+    with reader:
+        return _report(reader, 0, None)
+
+
 def _columns(reader: SnapshotReader) -> dict[str, np.ndarray]:
     """Columns needed for the report, with domain/shard codes decoded to names."""
     source = reader.columns

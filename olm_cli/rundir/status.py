@@ -62,6 +62,31 @@ def last_json_line(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON object of a JSON-lines log, oldest first; ``[]`` when it is missing.
+
+    The logs olm appends to (metrics, eval and release history) can end in a line torn by a
+    crash, and a resumed run's metrics rewrite may leave one too: such lines, and anything that
+    is not an object, are skipped rather than failing whoever reads the log.
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        return rows
+    with fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(value, dict):
+                rows.append(value)
+    return rows
+
+
 def collect_status(run_dir: Path) -> dict[str, Any]:
     """Everything ``olm status`` shows, as JSON-ready data (``--json`` prints it as is)."""
     run_dir = Path(run_dir)
