@@ -15,6 +15,16 @@ if [ ! -x "$FLOOR/bin/python" ]; then
   fi
 fi
 export OLM_TF_FLOOR_PYTHON="$PWD/$FLOOR/bin/python"
+# Headless Chromium renders olm report's page in tests/test_report.py (Debian package `chromium`).
+# Without apt (or root) it cannot be installed here and that test is skipped with its reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  apt() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >/dev/null 2>&1; }
+  if ! { apt install chromium || { apt update && apt install chromium; }; }; then
+    echo "warning: could not install chromium; the report's browser test will be skipped" >&2
+  fi
+fi
 .venv/bin/ruff check olm_cli tests scripts
 .venv/bin/mypy  # configured in pyproject.toml: olm_cli, with the pydantic plugin
 .venv/bin/python -m pytest -q "$@"

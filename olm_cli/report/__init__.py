@@ -1,6 +1,6 @@
 """``olm report``: what each increment did, as one self-contained HTML page with figures.
 
-Three steps, each in its own module: :mod:`~olm_cli.report.gather` reads the run directory into
+Three steps, each in its own module: :mod:`~olm_cli.report.sources` reads the run directory into
 JSON-ready data (no matplotlib), :mod:`~olm_cli.report.figures` draws the figures from that data,
 and :mod:`~olm_cli.report.page` lays them out with the tables. :func:`write_report` writes
 ``index.html`` and ``report.json`` (the gathered data) into ``RUN/report/`` or ``--out DIR``.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.errors import OlmError, RecipeError
-from olm_cli.report.gather import gather, read_previous
+from olm_cli.report.sources import gather, read_previous
 from olm_cli.rundir.atomic import write_text_atomic
 
 REPORT_DIR = "report"

@@ -1,4 +1,4 @@
-"""The report's figures, drawn with matplotlib from :func:`olm_cli.report.gather.gather`'s data.
+"""The report's figures, drawn with matplotlib from :func:`olm_cli.report.sources.gather`'s data.
 
 matplotlib's object API with the Agg canvas, never ``pyplot``: nothing global is switched (no
 backend, no current figure), so rendering inside a training process leaves it as it was, and
