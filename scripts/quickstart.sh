@@ -29,6 +29,9 @@ echo
 $OLM eval --run runs/quickstart --matrix
 $OLM status --run runs/quickstart
 $OLM replay-inspect --run runs/quickstart --show 1
+echo
+echo "== the report (regenerated after every increment: eval.report): open runs/quickstart/report/index.html"
+$OLM report --run runs/quickstart
 
 echo
 echo "== the release (what serving reads) is a plain transformers model"

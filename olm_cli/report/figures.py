@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 _WIDTH = 7.2  # inches: two figures side by side on a 1440-pixel-wide page
@@ -42,6 +43,11 @@ def _colours(count: int) -> list[Any]:
     if count <= 10:
         return [colormaps["tab10"](i) for i in range(count)]
     return [colormaps["viridis"](i / max(1, count - 1)) for i in range(count)]
+
+
+def _tick_stride(count: int, most: int = 15) -> int:
+    """Label every k-th of ``count`` categories so that at most ``most`` labels fit on an axis."""
+    return max(1, math.ceil(count / most))
 
 
 def _png(figure: MplFigure) -> bytes:
@@ -114,7 +120,8 @@ def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]]) -
         label = "start" if increment == 0 else f"inc {increment}"
         if label in labels:
             ax.axvspan(labels.index(label) - 0.4, labels.index(label) + 0.4, color="red", alpha=0.12)
-    ax.set_xticks(xs, labels, rotation=45 if len(labels) > 12 else 0, fontsize=8)
+    every = _tick_stride(len(labels))
+    ax.set_xticks(xs[::every], labels[::every], rotation=45 if len(labels) > 12 else 0, fontsize=8)
     ax.set_ylabel("held-out loss (lower is better)")
     ax.set_xlabel("after")
     ax.grid(alpha=0.3)
@@ -150,7 +157,7 @@ def matrix_figure(matrix: dict[str, Any] | None) -> Figure | None:
     domains, labels = matrix["domains"], matrix["row_labels"]
     values = np.array([[math.nan if v is None else v for v in row] for row in matrix["rows"]], dtype=float)
     change = np.array([[math.nan if v is None else v for v in row] for row in _last_trained(matrix)], dtype=float)
-    height = 1.6 + 0.42 * len(labels)
+    height = min(1.6 + 0.42 * len(labels), 9.0)
     figure = MplFigure(figsize=(_WIDTH, height), layout="constrained")
     left, right = figure.subplots(1, 2)
     image = left.imshow(values, cmap="YlOrRd", aspect="auto")
@@ -162,9 +169,10 @@ def matrix_figure(matrix: dict[str, Any] | None) -> Figure | None:
     small = len(labels) * len(domains) <= 120
     for ax, grid, fmt in ((left, values, "{:.2f}"), (right, change, "{:+.2f}")):
         ax.set_xticks(range(len(domains)), domains, fontsize=8, rotation=30 if len(domains) > 4 else 0)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        every = _tick_stride(len(labels), most=20)
+        ax.set_yticks(range(0, len(labels), every), labels[::every], fontsize=8)
         for i, trained in enumerate(matrix["trained_domain_per_row"]):
-            if trained in domains:
+            if trained in domains and small:
                 ax.add_patch(Rectangle((domains.index(trained) - 0.5, i - 0.5), 1, 1, fill=False,
                                        edgecolor="black", linewidth=1.6))
             for j in range(len(domains)):
@@ -190,19 +198,22 @@ def replay_figure(replay: dict[str, Any]) -> Figure | None:
     figure = MplFigure(figsize=(_WIDTH, 3.4), layout="constrained")
     left, right = figure.subplots(1, 2)
     increments = sorted(int(k) for k in share)
-    left.bar([str(i) for i in increments], [100 * share[str(i)] for i in increments], color="tab:blue")
+    left.bar(increments, [100 * share[str(i)] for i in increments], color="tab:blue")
     left.set_xlabel("increment")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("replayed samples (% of trained)")
     left.set_title("replay share", fontsize=9)
     left.grid(axis="y", alpha=0.3)
     domains = sorted({d for entry in composition.values() for d in entry.get("by_domain", {})})
     keys = sorted(composition, key=int)
+    positions = [int(k) for k in keys]
     bottom = [0.0] * len(keys)
     for domain in domains:
         counts = [float(composition[k]["by_domain"].get(domain, 0)) for k in keys]
         totals = [max(1.0, float(sum(composition[k]["by_domain"].values()))) for k in keys]
         heights = [100 * c / t for c, t in zip(counts, totals, strict=True)]
-        right.bar(keys, heights, bottom=bottom, label=domain)
+        right.bar(positions, heights, bottom=bottom, label=domain)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     right.set_xlabel("increment (buffer as of its last checkpoint)")
     right.set_ylabel("% of buffered samples")
@@ -227,14 +238,16 @@ def ledger_figure(ledger: dict[str, Any]) -> Figure | None:
     figure = MplFigure(figsize=(_WIDTH, 2.8), layout="constrained")
     ax = figure.subplots()
     keys = list(per_increment)
+    positions = [int(k) for k in keys]
     statuses = sorted({s for bucket in per_increment.values() for s in bucket})
     palette = {"done": "tab:green", "in_progress": "tab:blue", "quarantined": "tab:red", "changed": "tab:orange"}
     bottom = [0] * len(keys)
     for status in statuses:
         heights = [per_increment[k].get(status, 0) for k in keys]
-        ax.bar(keys, heights, bottom=bottom, label=status, color=palette.get(status))
+        ax.bar(positions, heights, bottom=bottom, label=status, color=palette.get(status))
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xlabel("increment")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("tokens")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="shard status", fontsize=8, title_fontsize=8)
@@ -256,6 +269,7 @@ def extra_metrics_figure(extra: dict[str, list[dict[str, Any]]]) -> Figure | Non
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", markersize=4, label=name)
     ax.set_xlabel("increment")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     figure.suptitle("Other evaluation metrics", fontsize=11)

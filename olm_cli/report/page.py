@@ -146,13 +146,15 @@ def _releases_table(releases: list[dict[str, Any]]) -> str:
         return ('<div class="empty">No release yet: one is published behind the gate after every completed '
                 "increment (<code>release.enabled</code>).</div>")
     rows = []
-    for r in reversed(releases):
+    more = (f"<p>{len(releases) - _LEDGER_ROWS} older attempts in <code>releases/history.jsonl</code>.</p>"
+            if len(releases) > _LEDGER_ROWS else "")
+    for r in list(reversed(releases))[:_LEDGER_ROWS]:
         verdict = _Raw('<span class="ok">released</span>') if r.get("released") else _Raw(
             '<span class="bad">not released</span>')
         rows.append([r.get("release"), r.get("increment"), r.get("step"), verdict, "; ".join(r.get("reasons") or []),
                      r.get("previous") or "-", r.get("latest") or "-", r.get("created")])
     return _table(["release", "increment", "step", "gate", "reasons", "compared with", "latest after", "created"],
-                  rows, {1, 2})
+                  rows, {1, 2}) + more
 
 
 def _skipped_table(training: dict[str, Any]) -> str:
