@@ -45,6 +45,14 @@ def _colours(count: int) -> list[Any]:
     return [colormaps["viridis"](i / max(1, count - 1)) for i in range(count)]
 
 
+def domain_colours(domains: list[str]) -> dict[str, Any]:
+    """One colour per domain, the same in every figure (tab10, in the order given, then tab20)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"] if len(domains) <= 10 else colormaps["tab20"]
+    return {domain: palette(i % palette.N) for i, domain in enumerate(domains)}
+
+
 def _tick_stride(count: int, most: int = 15) -> int:
     """Label every k-th of ``count`` categories so that at most ``most`` labels fit on an axis."""
     return max(1, math.ceil(count / most))
@@ -101,7 +109,8 @@ def training_figure(training: dict[str, Any]) -> Figure | None:
                   {"increments": increments, "points": len(steps), "first_step": steps[0], "last_step": steps[-1]})
 
 
-def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]]) -> Figure | None:
+def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]],
+                colours: dict[str, Any] | None = None) -> Figure | None:
     """Held-out loss per domain after each increment (the matrix's rows), rejected releases marked."""
     if not matrix or not matrix["rows"]:
         return None
@@ -113,7 +122,7 @@ def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]]) -
         points = [(x, row[column]) for x, row in zip(xs, matrix["rows"], strict=True) if row[column] is not None]
         if points:
             px, py = zip(*points, strict=True)
-            ax.plot(px, py, marker="o", markersize=4, label=domain)
+            ax.plot(px, py, marker="o", markersize=4, label=domain, color=(colours or {}).get(domain))
     rejected = sorted({int(r["increment"]) for r in releases if r.get("released") is False
                        and isinstance(r.get("increment"), int)})
     for increment in rejected:
@@ -189,7 +198,7 @@ def matrix_figure(matrix: dict[str, Any] | None) -> Figure | None:
     return Figure("matrix", "Forgetting matrix", alt, _png(figure), {"rows": labels, "domains": list(domains)})
 
 
-def replay_figure(replay: dict[str, Any]) -> Figure | None:
+def replay_figure(replay: dict[str, Any], colours: dict[str, Any] | None = None) -> Figure | None:
     """Replay's share of the trained samples, and the buffer's composition by domain, per increment."""
     share: dict[str, float] = replay["share"]
     composition: dict[str, dict[str, Any]] = replay["composition"]
@@ -205,7 +214,8 @@ def replay_figure(replay: dict[str, Any]) -> Figure | None:
     left.set_ylabel("replayed samples (% of trained)")
     left.set_title("replay share", fontsize=9)
     left.grid(axis="y", alpha=0.3)
-    domains = sorted({d for entry in composition.values() for d in entry.get("by_domain", {})})
+    found = {d for entry in composition.values() for d in entry.get("by_domain", {})}
+    domains = [d for d in (colours or {}) if d in found] + sorted(found - set(colours or {}))
     keys = sorted(composition, key=int)
     positions = [int(k) for k in keys]
     bottom = [0.0] * len(keys)
@@ -213,13 +223,13 @@ def replay_figure(replay: dict[str, Any]) -> Figure | None:
         counts = [float(composition[k]["by_domain"].get(domain, 0)) for k in keys]
         totals = [max(1.0, float(sum(composition[k]["by_domain"].values()))) for k in keys]
         heights = [100 * c / t for c, t in zip(counts, totals, strict=True)]
-        right.bar(positions, heights, bottom=bottom, label=domain)
+        right.bar(positions, heights, bottom=bottom, label=domain, color=(colours or {}).get(domain))
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     right.set_xlabel("increment (buffer as of its last checkpoint)")
     right.set_ylabel("% of buffered samples")
     right.set_title("replay buffer composition", fontsize=9)
     if domains:
-        right.legend(title="domain", fontsize=8, title_fontsize=8)
+        right.legend(title="domain", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
         right.text(0.5, 0.5, "no replay snapshot on disk", ha="center", va="center", transform=right.transAxes)
     figure.suptitle("Replay per increment", fontsize=11)
@@ -280,11 +290,14 @@ def extra_metrics_figure(extra: dict[str, list[dict[str, Any]]]) -> Figure | Non
 def all_figures(data: dict[str, Any]) -> dict[str, Figure | None]:
     """Every figure of the page by id; None where its data does not exist yet."""
     evaluation = data["eval"]
+    known = list((evaluation["matrix"] or {}).get("domains", []))
+    buffered = {d for entry in data["replay"]["composition"].values() for d in entry.get("by_domain", {})}
+    colours = domain_colours(known + sorted(buffered - set(known)))
     return {
         "training": training_figure(data["training"]),
-        "eval": eval_figure(evaluation["matrix"], data["releases"]),
+        "eval": eval_figure(evaluation["matrix"], data["releases"], colours),
         "matrix": matrix_figure(evaluation["matrix"]),
         "extra": extra_metrics_figure(evaluation["extra_metrics"]),
-        "replay": replay_figure(data["replay"]),
+        "replay": replay_figure(data["replay"], colours),
         "ledger": ledger_figure(data["ledger"]),
     }
