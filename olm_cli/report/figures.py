@@ -58,6 +58,15 @@ def _tick_stride(count: int, most: int = 15) -> int:
     return max(1, math.ceil(count / most))
 
 
+def _listing(values: list[Any], most: int = 10) -> str:
+    """``values`` for a caption: all of them while few, else the first and last."""
+    if not values:
+        return "none"
+    if len(values) <= most:
+        return ", ".join(map(str, values))
+    return f"{values[0]}, {values[1]}, ... {values[-1]}"
+
+
 def _png(figure: MplFigure) -> bytes:
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
@@ -104,7 +113,7 @@ def training_figure(training: dict[str, Any]) -> Figure | None:
         if training["shown_steps"] != training["logged_steps"] else f"{training['logged_steps']} logged steps"
     skipped = f"; {len(training['skipped'])} skipped batches marked in red" if training["skipped"] else ""
     alt = (f"Training loss, learning rate and tokens per second over {shown} (steps {steps[0]} to {steps[-1]}), "
-           f"{len(increments)} increments ({', '.join(map(str, increments))}){skipped}")
+           f"{len(increments)} increments ({_listing(increments)}){skipped}")
     return Figure("training", "Training", alt, _png(figure),
                   {"increments": increments, "points": len(steps), "first_step": steps[0], "last_step": steps[-1]})
 
@@ -136,9 +145,9 @@ def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]],
     ax.grid(alpha=0.3)
     ax.legend(title="domain", fontsize=8, title_fontsize=8)
     figure.suptitle("Held-out loss per domain after each increment", fontsize=11)
-    note = f"; increments not released by the gate shaded red: {', '.join(map(str, rejected))}" if rejected else ""
+    note = f"; increments not released by the gate shaded red: {_listing(rejected)}" if rejected else ""
     alt = (f"Held-out loss of {len(matrix['domains'])} domains ({', '.join(matrix['domains'])}) "
-           f"over {len(labels)} evaluations ({', '.join(labels)}){note}")
+           f"over {len(labels)} evaluations ({_listing(labels)}){note}")
     return Figure("eval", "Held-out loss", alt, _png(figure),
                   {"rows": labels, "domains": list(matrix["domains"]), "rejected": rejected})
 
@@ -193,7 +202,7 @@ def matrix_figure(matrix: dict[str, Any] | None) -> Figure | None:
     left.set_title("loss after each increment", fontsize=9)
     right.set_title("change since the domain was last trained\n(red: forgotten, blue: improved)", fontsize=9)
     figure.suptitle("Continual-learning matrix (boxed: the domain trained in that increment)", fontsize=11)
-    alt = (f"Heatmaps of the continual-learning matrix: {len(labels)} rows ({', '.join(labels)}) by "
+    alt = (f"Heatmaps of the continual-learning matrix: {len(labels)} rows ({_listing(labels)}) by "
            f"{len(domains)} domains ({', '.join(domains)}), and each loss's change since its domain was last trained")
     return Figure("matrix", "Forgetting matrix", alt, _png(figure), {"rows": labels, "domains": list(domains)})
 
@@ -233,9 +242,9 @@ def replay_figure(replay: dict[str, Any], colours: dict[str, Any] | None = None)
     else:
         right.text(0.5, 0.5, "no replay snapshot on disk", ha="center", va="center", transform=right.transAxes)
     figure.suptitle("Replay per increment", fontsize=11)
-    alt = (f"Replay share of the trained samples for increments {', '.join(map(str, increments)) or 'none'}, "
+    alt = (f"Replay share of the trained samples for increments {_listing(increments)}, "
            f"and the buffer's composition by domain ({', '.join(domains) or 'none'}) after increments "
-           f"{', '.join(keys) or 'none'}")
+           f"{_listing(keys)}")
     return Figure("replay", "Replay", alt, _png(figure),
                   {"share_increments": increments, "composition_increments": [int(k) for k in keys], "domains": domains})
 
@@ -262,7 +271,7 @@ def ledger_figure(ledger: dict[str, Any]) -> Figure | None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="shard status", fontsize=8, title_fontsize=8)
     figure.suptitle("Tokens trained from new shards per increment", fontsize=11)
-    alt = f"Tokens trained from new shards in increments {', '.join(keys)}, by shard status ({', '.join(statuses)})"
+    alt = f"Tokens trained from new shards in increments {_listing(keys)}, by shard status ({', '.join(statuses)})"
     return Figure("ledger", "Shards", alt, _png(figure), {"increments": [int(k) for k in keys], "statuses": statuses})
 
 

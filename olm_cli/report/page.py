@@ -17,6 +17,7 @@ from typing import Any
 from olm_cli.report.figures import Figure
 
 _LEDGER_ROWS = 200  # the page lists problem shards first, then the newest; report.json has them all
+_INCREMENT_ROWS = 30  # the newest increments in the table; report.json has them all
 _PROBLEM_STATUSES = ("quarantined", "changed", "skipped")
 
 _CSS = """
@@ -97,10 +98,12 @@ def _increments_table(data: dict[str, Any]) -> str:
     rows = [[r["increment"], r["first_step"], r["last_step"], r["logged_steps"], r["skipped_steps"], r["final_loss"],
              None if r["tokens_per_s"] is None else round(r["tokens_per_s"]),
              None if r["replay_share"] is None else f"{100 * r['replay_share']:.1f}%"]
-            for r in data["increments"]]
+            for r in data["increments"][-_INCREMENT_ROWS:]]
     if not rows:
         return ""
-    return _table(["increment", "first step", "last step", "logged steps", "skipped", "final loss (last 10%)",
+    older = len(data["increments"]) - len(rows)
+    note = f"<p>{older} older increments in <code>report.json</code>.</p>" if older else ""
+    return note + _table(["increment", "first step", "last step", "logged steps", "skipped", "final loss (last 10%)",
                    "tokens/s", "replay share"], rows, {0, 1, 2, 3, 4, 5, 6, 7})
 
 
