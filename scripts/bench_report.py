@@ -7,8 +7,8 @@ continual-learning matrix, the eval and release histories, the shard ledger) and
 and writing the page (wall time; the whole write also in CPU time, which a busy machine does
 not inflate). Sizes: a quickstart-sized run (3 increments, 500 logged steps), a month of
 nights (30 increments x 1,000 steps) and a year (365 increments x 1,000 steps = 365,000
-lines of ``metrics.jsonl``). Each is timed ``--repeat`` times in this process; the first
-repeat also pays matplotlib's import and font cache, as the engine's first report does.
+lines of ``metrics.jsonl``). Each is timed ``--repeat`` times in this process: the steps one by
+one, then the whole write (so the imports are paid before the first whole write is timed).
 
     python scripts/bench_report.py
     python scripts/bench_report.py --json
