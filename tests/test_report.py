@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import make_documents, tiny_recipe, write_jsonl, write_recipe
+from conftest import add_shard, make_documents, tiny_recipe, write_jsonl, write_recipe
 from e2e_helpers import cli
 
 from olm_cli.errors import RecipeError
@@ -197,6 +197,17 @@ def test_an_empty_run_says_what_is_missing(tmp_path: Path) -> None:
     assert all(figure is None for figure in result.data["figures"].values())
 
 
+def test_an_unreadable_source_is_a_problem_line_and_the_rest_is_shown(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    (run / "ledger.json").write_text("{not json", encoding="utf-8")
+    (run / "eval" / "matrix.json").write_text('{"domains": ["alpha"], "rows": [[1.0, 2.0]]}', encoding="utf-8")
+    data = gather(run)
+    assert any("ledger" in p and "corrupt" in p for p in data["problems"])
+    assert any("matrix.json cannot be read" in p for p in data["problems"])
+    assert data["ledger"]["shards"] == [] and data["eval"]["matrix"] is None
+    assert data["training"]["logged_steps"] == 16  # the rest is still gathered
+
+
 def test_not_a_run_directory_is_one_line(tmp_path: Path) -> None:
     result = cli("report", "--run", tmp_path)
     assert result.code == 1
@@ -272,8 +283,6 @@ def test_eval_report_without_matplotlib_is_a_recipe_error(tmp_path: Path, monkey
 
 
 def _train_two_nights(tmp_path: Path) -> Path:
-    from conftest import add_shard
-
     sets = {d: str(write_jsonl(tmp_path / "eval" / f"{d}.jsonl", make_documents(d, 8, 99))) for d in ("alpha", "beta")}
     recipe = write_recipe(tmp_path, tiny_recipe(
         tmp_path, replay={"policy": "reservoir", "capacity": 200, "ratio": 0.25},
@@ -297,6 +306,23 @@ def test_eval_report_regenerates_after_every_increment(tmp_path: Path) -> None:
     assert [r["release"] for r in data["releases"]] == ["release-0001", "release-0002"]
     assert set(data["replay"]["composition"]) == {"1", "2"}
     assert data["replay"]["share"]["2"] > 0
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_drawn_never_fails_the_night(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import olm_cli.report.figures
+
+    def broken(data: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(olm_cli.report.figures, "all_figures", broken)
+    add_shard(tmp_path / "stream", "alpha", 0)
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path, eval={"report": True}, run={"max_steps": 4}))
+    result = cli("train", "--config", recipe)
+    assert result.code == 0, result.text
+    assert result.has("warning: report not regenerated: no fonts here")
+    assert (tmp_path / "run" / "releases" / "latest").is_dir()
+    assert not (tmp_path / "run" / "report" / PAGE_FILE).exists()
 
 
 def _chromium() -> str:
