@@ -177,7 +177,7 @@ def test_page_figures_match_the_data(tmp_path: Path) -> None:
     assert figures["matrix"]["domains"] == ["alpha", "beta"]
     assert figures["extra"]["metrics"] == ["tasks/toy_mc/acc"]
     assert 'data-increments="[1, 2]"' in page
-    assert "over 16 logged steps (steps 1 to 16), 2 increments (1, 2); 1 skipped batches marked in red" in page
+    assert "over 16 logged steps (steps 1 to 16), 2 increments (1, 2); 1 skipped batch marked in red" in page
     assert "not released" in page and "beta loss rose 9% over release-0001, budget 2%" in page
     assert "line 3: not valid JSON" in page  # the quarantined shard, listed first
     assert page.index("quarantined</span>") < page.index("alpha-0.jsonl")

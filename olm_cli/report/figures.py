@@ -58,6 +58,10 @@ def _tick_stride(count: int, most: int = 15) -> int:
     return max(1, math.ceil(count / most))
 
 
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def _listing(values: list[Any], most: int = 10) -> str:
     """``values`` for a caption: all of them while few, else the first and last."""
     if not values:
@@ -111,7 +115,8 @@ def training_figure(training: dict[str, Any]) -> Figure | None:
     figure.suptitle("Training, per step, coloured by increment", fontsize=11)
     shown = f"{training['shown_steps']} of {training['logged_steps']} logged steps" \
         if training["shown_steps"] != training["logged_steps"] else f"{training['logged_steps']} logged steps"
-    skipped = f"; {len(training['skipped'])} skipped batches marked in red" if training["skipped"] else ""
+    skipped = f"; {_plural(len(training['skipped']), 'skipped batch', 'skipped batches')} marked in red" \
+        if training["skipped"] else ""
     alt = (f"Training loss, learning rate and tokens per second over {shown} (steps {steps[0]} to {steps[-1]}), "
            f"{len(increments)} increments ({_listing(increments)}){skipped}")
     return Figure("training", "Training", alt, _png(figure),
@@ -292,7 +297,8 @@ def extra_metrics_figure(extra: dict[str, list[dict[str, Any]]]) -> Figure | Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     figure.suptitle("Other evaluation metrics", fontsize=11)
-    alt = f"{len(plotted)} further evaluation metrics against the increment: {', '.join(sorted(plotted)[:20])}"
+    alt = (f"{_plural(len(plotted), 'further evaluation metric', 'further evaluation metrics')} against the "
+           f"increment: {', '.join(sorted(plotted)[:20])}")
     return Figure("extra", "Other metrics", alt, _png(figure), {"metrics": sorted(plotted)})
 
 
