@@ -54,6 +54,7 @@ from olm_cli.samples import Block, collate, per_sample_loss
 from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree
 from olm_cli.strategy import StrategyContext
+from olm_cli.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Trainer:
         self.checkpoint_writer: CheckpointWriter[Path] = CheckpointWriter(background=recipe.run.async_checkpoint)
         self.micro_batch_used = recipe.batch.micro_batch
         self.restored_stream: dict[str, Any] | None = None  # the data position in the latest checkpoint's parts
+        self.trackers = Trackers.none()  # started by setup()
 
     # ------------------------------------------------------------------ setup
 
@@ -156,6 +158,8 @@ class Trainer:
         if self.latest is not None:
             self._restore_parts(self.latest)
         self._truncate_metrics(self.state.global_step)  # metric lines after our checkpoint belong to lost work
+        # run.trackers (olm_cli/trackers.py), once the checkpoint has loaded: a fallback starts no second run.
+        self.trackers = Trackers.open(self.recipe, main_process=self.accelerator.is_main_process, say=self._say)
         if self.resuming:
             self._resume_increment()
         else:
@@ -165,15 +169,11 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
 
-        log_with = ["tensorboard"] if self.recipe.run.tensorboard else None
         self.accelerator = Accelerator(
             mixed_precision=self.recipe.run.mixed_precision,
             cpu=not torch.cuda.is_available(),
-            log_with=log_with,
             project_dir=str(self.run_dir),
         )
-        if log_with:
-            self.accelerator.init_trackers("tensorboard")
 
     def _setup_model(self) -> torch.nn.Module:
         """The model and tokenizer: the latest checkpoint's, or the recipe's source for a new run."""
@@ -272,7 +272,7 @@ class Trainer:
 
             self._say(f"evaluating the starting model on {len(recipe.eval.sets)} domain(s) (row 0 of the matrix)")
             record_increment_eval(self.run_dir, recipe, unwrapped, self.tokenizer, increment=0, trained={},
-                                  step=state.global_step, console=self.console)
+                                  step=state.global_step, console=self.console, trackers=self.trackers)
 
     def _resume_increment(self) -> None:
         """The rest of an interrupted increment: data position and generators as checkpointed."""
@@ -711,7 +711,7 @@ class Trainer:
             result = evaluate_and_release(self.recipe, unwrapped, self.tokenizer, increment=state.increment,
                                           step=state.global_step, checkpoint=path, trained=dict(state.domain_tokens),
                                           tokens_trained=state.total_tokens, state_dict=full_state_dict,
-                                          console=self.console)
+                                          console=self.console, trackers=self.trackers)
             if result is not None:
                 released, message = result.released, result.message
         released, message = _from_main_process(self.accelerator, (released, message))
@@ -930,8 +930,7 @@ class Trainer:
         row = strict_json_row(row)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
-        if self.recipe.run.tensorboard:
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=row["step"])
+        self.trackers.log_step(row)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be re-done)."""

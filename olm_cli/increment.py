@@ -7,6 +7,7 @@ The training itself (:mod:`olm_cli.engine`) is imported only when there is work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -194,7 +195,8 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
                     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
                 trainer = _load_trainer(recipe, plan, fallback, console, main_say, stop)
                 if trainer is not None:
-                    with trainer.checkpoint_writes():  # none still in flight when the lock is released
+                    # No checkpoint write still in flight when the lock is released; trackers flushed on every exit.
+                    with contextlib.closing(trainer.trackers), trainer.checkpoint_writes():
                         return trainer.train()
     finally:
         if lock is not None:
@@ -262,7 +264,11 @@ def _load_trainer(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallb
             plan.checkpoints.verify(plan.latest, deep=True)
         _report_fallback(fallback, say)
         trainer = Trainer(recipe, plan, console=console, stop=stop)
-        trainer.setup()
+        try:
+            trainer.setup()
+        except BaseException:
+            trainer.trackers.close()  # a fallback's Trainer starts its own
+            raise
     except (CheckpointVerifyError, CheckpointLoadError) as exc:
         if plan.latest is None:
             raise

@@ -7,6 +7,7 @@ release missing and calls :func:`publish_pending_release`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,12 @@ import torch
 
 from olm_cli.recipe import Recipe
 from olm_cli.rundir.checkpoint import loading_checkpoint
+from olm_cli.trackers import Trackers
 
 
 def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, *, increment: int, step: int,
                          checkpoint: Path, trained: dict[str, int], tokens_trained: int,
-                         state_dict: Any = None, console: Any = None) -> Any:
+                         state_dict: Any = None, console: Any = None, trackers: Any = None) -> Any:
     """Evaluate every domain (a row of the matrix), then publish the increment's release behind the gate.
 
     Returns the :class:`~olm_cli.release.ReleaseResult`, or None when releases are off. Also used
@@ -34,7 +36,7 @@ def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
         if console is not None:
             console.print(f"evaluating {len(recipe.eval.sets)} domain(s) after increment {increment}")
         results = record_increment_eval(run_dir, recipe, model, tokenizer, increment=increment, trained=trained,
-                                        step=step, console=console)
+                                        step=step, console=console, trackers=trackers)
     result = None
     if recipe.release.enabled:
         result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step,
@@ -72,7 +74,10 @@ def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, A
         tokenizer = load_tokenizer(str(checkpoint))
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return evaluate_and_release(recipe, model, tokenizer, increment=int(state["increment"]),
-                                step=int(state["global_step"]), checkpoint=checkpoint,
-                                trained=dict(state.get("domain_tokens", {})),
-                                tokens_trained=int(state.get("total_tokens", 0)), console=console)
+    say = console.print if console is not None else None
+    with contextlib.closing(Trackers.open(recipe, say=say)) as trackers:
+        return evaluate_and_release(recipe, model, tokenizer, increment=int(state["increment"]),
+                                    step=int(state["global_step"]), checkpoint=checkpoint,
+                                    trained=dict(state.get("domain_tokens", {})),
+                                    tokens_trained=int(state.get("total_tokens", 0)), console=console,
+                                    trackers=trackers)

@@ -161,6 +161,9 @@ class OptimConfig(Section):
     reset_optimizer: bool = Field(False, description="Start every increment with fresh AdamW moments.")
 
 
+TrackerName = Literal["tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
+
+
 class RunConfig(Section):
     """The run directory and the shape of one increment."""
 
@@ -176,7 +179,16 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(3, gt=0, description="Complete checkpoints kept on disk.")
     async_checkpoint: bool = Field(True, description="Write the periodic checkpoints in a background thread while training continues (their state is copied to host memory at the step boundary; needs that much free RAM). A failed write is reported at the next checkpoint or the end of the increment; the final, stop and time-budget checkpoints are always waited for. false: training waits for every write.")
     log_every: int = Field(1, gt=0, description="Steps between metrics lines.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's tracker.")
+    trackers: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers the step, eval and continual-learning metrics go to, through Accelerate's tracker classes: `tensorboard` (RUN/tensorboard), `mlflow` (MLFLOW_TRACKING_URI; unset: RUN/mlflow.db), `wandb`, `aim` (RUN/.aim), `comet_ml`, `clearml`, `dvclive`, `swanlab`, `trackio`. Tags: `train/loss`, `train/lr`, `train/tokens_per_s`, `eval/<domain>/loss`, `cl/forgetting/<domain>`, ... (docs/operations.md). Each needs its package installed.",
+    )
+    tracker_project: str | None = Field(None, description="Project (W&B, Aim, Comet, ClearML) or experiment (MLflow) name the trackers log under; unset: the run directory's name.")
+    tracker_options: dict[TrackerName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments per tracker for its start, e.g. `{wandb: {entity: my-team, tags: [nightly]}}` (passed to `wandb.init`).",
+    )
+    tensorboard: bool = Field(False, description="Alias of `trackers: [tensorboard]` (kept for older recipes).")
     max_bad_steps: int = Field(5, gt=0, description="Consecutive NaN/Inf steps before rolling back to the last checkpoint and stopping.")
     progress: bool = Field(True, description="Show a live progress bar on a terminal.")
     compile: bool = Field(False, description="`torch.compile` the training forward. Compilation is paid once per invocation, at the first step (and again for a new batch shape, e.g. a shard's short last block); it pays off on long increments on a GPU.")
@@ -185,6 +197,17 @@ class RunConfig(Section):
         description="`chunked`: the cross-entropy goes through the LM head `loss_chunk_tokens` tokens at a time and never holds the full [batch, tokens, vocabulary] logits (less peak memory with a large vocabulary, same loss and gradients); on CUDA with the `liger-kernel` package installed, Liger's fused linear cross-entropy is used. Parts that read the logits (distillation, `replay.store_logits_topk`) need `standard`.",
     )
     loss_chunk_tokens: int = Field(2048, gt=0, description="Tokens per chunk of the chunked loss: peak memory holds one chunk's logits (chunk x vocabulary floats).")
+
+    @model_validator(mode="after")
+    def _tensorboard_alias(self) -> RunConfig:
+        """`tensorboard: true` (the key of older recipes) is `tensorboard` in `trackers`; a name given twice counts once."""
+        if self.tensorboard and "tensorboard" not in self.trackers:
+            self.trackers.insert(0, "tensorboard")
+        self.trackers[:] = list(dict.fromkeys(self.trackers))  # in place: assigning would validate again
+        unused = sorted(set(self.tracker_options) - set(self.trackers))
+        if unused:
+            raise ValueError(f"run.tracker_options names {', '.join(unused)}, which is not in run.trackers")
+        return self
 
 
 

@@ -99,8 +99,12 @@ def record_increment_eval(
     trained: dict[str, int],
     step: int,
     console: Any = None,
+    trackers: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate every domain and add row ``increment`` to the continual-learning matrix."""
+    """Evaluate every domain and add row ``increment`` to the continual-learning matrix.
+
+    ``trackers`` (:class:`olm_cli.trackers.Trackers`) get the row and the matrix's summary at ``step``.
+    """
     results = evaluate_domains(model, tokenizer, recipe.eval.sets, block_size=recipe.data.block_size,
                                max_tokens=recipe.eval.max_tokens, batch_size=recipe.eval.batch_size,
                                text_field=recipe.data.text_field)
@@ -117,6 +121,8 @@ def record_increment_eval(
             del getattr(matrix, attr)[index:]
     matrix.add_row(label, trained_domain, {name: r["loss"] for name, r in results.items()})
     matrix.save(matrix_path)
+    if trackers is not None:
+        trackers.log_eval(results, matrix.summary(), step)
     if console is not None:
         render_results(results, console, title=f"eval after {label}")
     return results
