@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from olm_cli.console import make_console
 from olm_cli.errors import OlmError, RecipeError
@@ -121,16 +122,30 @@ def eval_command(
     max_tokens: Annotated[int | None, typer.Option(help="Tokens per domain at most.")] = None,
     matrix: Annotated[bool, typer.Option("--matrix", help="Show the run's continual-learning matrix and its summary instead.")] = False,
     union: Annotated[list[str] | None, typer.Option("--union", help="DOMAIN=LOSS of a union-trained reference, for intransigence (repeatable).")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness task(s), comma-separated (needs olm[lm-eval]); --run evaluates releases/latest.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: at most N examples per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples (default: each task's own).")] = None,
+    task_dir: Annotated[list[Path] | None, typer.Option("--task-dir", help="With --tasks: a folder of task YAML files of your own (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --tasks: requests per forward.")] = 8,
     json_out: JsonOption = False,
 ) -> None:
-    """Per-domain held-out loss and perplexity, or the continual-learning matrix.
+    """Per-domain held-out loss and perplexity, the continual-learning matrix, or downstream tasks.
 
     Examples: olm eval --run runs/quickstart --json;
     olm eval --checkpoint runs/quickstart/checkpoints/latest --data code=data/eval/code.jsonl;
-    olm eval --run runs/quickstart --matrix
+    olm eval --run runs/quickstart --matrix;
+    olm eval --run runs/quickstart --tasks arc_easy,hellaswag --limit 200
     """
-    from olm_cli.commands import run_eval, show_matrix
+    from olm_cli.commands import run_downstream, run_eval, show_matrix
 
+    if tasks is not None:
+        if matrix or data:
+            raise RecipeError("--tasks runs lm-evaluation-harness; it does not combine with --matrix or --data")
+        from olm_cli.evaluation.downstream import parse_tasks
+
+        run_downstream(run=run, checkpoint=checkpoint, tasks=parse_tasks(tasks), limit=limit, num_fewshot=num_fewshot,
+                       batch_size=batch_size, task_dirs=task_dir or [], as_json=json_out, console=console)
+        return
     if matrix:
         if run is None:
             raise RecipeError("--matrix needs --run DIR")
@@ -286,7 +301,8 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name=PROG_NAME)
         sys.exit(code if isinstance(code, int) else 0)
     except OlmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: a message naming "pip install 'olm[lm-eval]'" or a path with brackets is not rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

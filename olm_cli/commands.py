@@ -167,3 +167,76 @@ def _replay_source(run: Path) -> Path:
             _verified(candidate)
             break
     return run
+
+
+def run_downstream(*, run: Path | None, checkpoint: Path | None, tasks: list[str], limit: int | None,
+                   num_fewshot: int | None, batch_size: int, task_dirs: list[Path], as_json: bool,
+                   console: Any) -> dict[str, dict[str, float]]:
+    """``olm eval --tasks``: lm-evaluation-harness on the release (or a checkpoint), recorded in the run.
+
+    ``--run`` measures what serving reads, ``releases/latest`` (its newest checkpoint while the
+    run has no release yet); ``--checkpoint`` any model directory. A model inside a run directory
+    has its results appended to that run's eval history and logged to its trackers.
+    """
+    import contextlib
+
+    from olm_cli.evaluation.downstream import (
+        ModelUnderTest,
+        model_position,
+        owning_run,
+        record_downstream,
+        render_downstream,
+        run_tasks,
+        task_manager,
+    )
+    from olm_cli.trackers import Trackers
+
+    if (run is None) == (checkpoint is None):
+        raise RecipeError("give exactly one of --run DIR or --checkpoint DIR")
+    manager = task_manager(tasks, task_dirs)  # lm-eval installed, every task known: before a model is loaded
+    if run is not None:
+        run_dir: Path | None = Path(run)
+        recipe = _run_recipe(Path(run))
+        model_dir = _release_or_checkpoint(Path(run))
+    else:
+        if not Path(checkpoint).is_dir():  # type: ignore[arg-type]
+            raise OlmError(f"{checkpoint}: no such checkpoint directory")
+        model_dir = _verified(Path(checkpoint))  # type: ignore[arg-type]
+        run_dir = owning_run(model_dir)
+        recipe = _run_recipe(run_dir) if run_dir is not None else None
+    increment, step = model_position(model_dir)
+    target = ModelUnderTest(model_dir, run_dir, increment, step)
+    model, tokenizer = _load_model(model_dir)
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    trackers = Trackers.open(recipe, say=console.print) if recipe is not None else Trackers.none()
+    with contextlib.closing(trackers):
+        results = run_tasks(model, tokenizer, tasks, manager, limit=limit, num_fewshot=num_fewshot,
+                            batch_size=batch_size)
+        settings = (f"lm-eval, {'all' if limit is None else limit} examples per task, "
+                    f"{'task default' if num_fewshot is None else num_fewshot} few-shot")
+        record_downstream(target, results, settings=settings, trackers=trackers)
+    if as_json:
+        sys.stdout.write(json.dumps({"model": str(model_dir), "increment": increment, "step": step,
+                                     "settings": settings, "tasks": results}, indent=2) + "\n")
+    else:
+        render_downstream(results, console, title=f"lm-eval: {model_dir}")
+        if run_dir is not None:
+            console.print(f"recorded in {run_dir / 'eval' / 'history.jsonl'}", highlight=False)
+    return results
+
+
+def _release_or_checkpoint(run: Path) -> Path:
+    """``releases/latest`` once it verifies; before the first release, the newest usable checkpoint."""
+    from olm_cli.release import ReleaseStore
+
+    store = ReleaseStore(run)
+    release = store.latest_target()
+    if release is not None:
+        store.verify(release)
+        return release
+    checkpoint, _ = _latest_usable(run, lambda path: None)
+    sys.stderr.write(f"note: {run} has no release yet; evaluating its latest checkpoint {checkpoint.name}\n")
+    return checkpoint
