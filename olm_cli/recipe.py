@@ -442,6 +442,10 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+# Other tools' names for olm's keys, for the did-you-mean hint (Accelerate's `log_with`, HF Trainer's `report_to`).
+KEY_SYNONYMS = {"log_with": "trackers", "report_to": "trackers"}
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} problem(s) in the recipe:"]
     for err in exc.errors():
@@ -449,7 +453,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = _fields_at(Recipe, loc)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1) or [
+                KEY_SYNONYMS[key] for key in [str(loc[-1])] if KEY_SYNONYMS.get(key) in known]
             hint = f"; did you mean `{close[0]}`?" if close else (f"; known keys: {', '.join(known)}" if known else "")
             lines.append(f"  {path}: unknown key{hint}")
         else:

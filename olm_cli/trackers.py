@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,14 +70,18 @@ def missing_packages(names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- tags
 
 
+# What every tracker accepts in a tag (MLflow is the strictest): a domain folder named `c++` becomes `c__`.
+_UNSAFE_TAG_CHARACTERS = re.compile(r"[^\w\-. /]")
+
+
 def _finite(values: Mapping[str, Any]) -> dict[str, float]:
-    """Numbers only, and only finite ones (booleans are not metrics)."""
+    """Numbers only, and only finite ones (booleans are not metrics), under tags every tracker accepts."""
     out: dict[str, float] = {}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if math.isfinite(value):
-            out[key] = float(value) if isinstance(value, float) else value
+            out[_UNSAFE_TAG_CHARACTERS.sub("_", key)] = value
     return out
 
 

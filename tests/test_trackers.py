@@ -44,6 +44,7 @@ def test_eval_tags_hold_every_domain_and_the_matrix_summary() -> None:
     }
     assert downstream_tags({"mc": {"acc": 0.5, "acc_stderr": 0.1, "alias": "mc"}}) == {
         "downstream/mc/acc": 0.5, "downstream/mc/acc_stderr": 0.1}
+    assert eval_tags({"c++ (v2)": {"loss": 1.0}}, None) == {"eval/c__ _v2_/loss": 1.0}  # MLflow's tag alphabet
 
 
 def test_tensorboard_key_is_an_alias_of_trackers(tmp_path: Path) -> None:
@@ -51,6 +52,8 @@ def test_tensorboard_key_is_an_alias_of_trackers(tmp_path: Path) -> None:
     assert recipe.run.trackers == ["tensorboard", "mlflow"]
     with pytest.raises(RecipeError, match="run.trackers.0"):
         recipe_from_dict(tiny_recipe(tmp_path, run={"trackers": ["wandbb"]}))
+    with pytest.raises(RecipeError, match="run.log_with: unknown key; did you mean `trackers`"):
+        recipe_from_dict(tiny_recipe(tmp_path, run={"log_with": "wandb"}))
     with pytest.raises(RecipeError, match="tracker_options names wandb, which is not in run.trackers"):
         recipe_from_dict(tiny_recipe(tmp_path, run={"tracker_options": {"wandb": {"entity": "me"}}}))
 
@@ -148,3 +151,22 @@ def test_tensorboard_and_mlflow_get_train_eval_and_forgetting(tmp_path: Path, mo
     assert client.get_metric_history(run_id, "cl/forgetting/alpha")[0].value == pytest.approx(
         summary["forgetting"]["alpha"], rel=1e-6)
     assert "step" not in runs[0].data.metrics and "time" not in runs[0].data.metrics
+
+
+def test_a_tracker_that_cannot_start_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import olm_cli.trackers as trackers_module
+
+    class NoNetwork:
+        name = "mlflow"
+
+        def start(self) -> None:
+            raise ConnectionError("mlflow.example: connection refused")
+
+    monkeypatch.setattr(trackers_module, "_build", lambda *args: NoNetwork())
+    said: list[str] = []
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, run={"trackers": ["mlflow"]}))
+    trackers = Trackers.open(recipe, say=said.append)
+    assert trackers.names == []
+    assert said == ["[yellow]warning:[/] tracker mlflow did not start (ConnectionError: mlflow.example: connection "
+                    "refused); training goes on without it"]
+    trackers.log({"train/loss": 1.0}, 1)  # nothing to log to, nothing raised
