@@ -170,3 +170,32 @@ def test_a_tracker_that_cannot_start_is_a_warning(tmp_path: Path, monkeypatch: p
     assert said == ["[yellow]warning:[/] tracker mlflow did not start (ConnectionError: mlflow.example: connection "
                     "refused); training goes on without it"]
     trackers.log({"train/loss": 1.0}, 1)  # nothing to log to, nothing raised
+
+
+@pytest.mark.slow
+def test_a_release_finished_by_the_next_run_reaches_the_tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the final checkpoint and the release: the next run's evaluation is logged too."""
+    from e2e_helpers import cli, make_recipe
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import olm_cli.release
+    from olm_cli.errors import CheckpointError
+
+    eval_set = add_shard(tmp_path / "eval", "alpha", 99, docs=6)
+    recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=8, eval={"sets": {"alpha": str(eval_set)}},
+                         run={"trackers": ["tensorboard"]})
+
+    def disk_full(*_args: Any, **_kwargs: Any) -> None:
+        raise CheckpointError("could not write release release-0001: No space left on device")
+
+    monkeypatch.setattr(olm_cli.release, "publish_release", disk_full)
+    assert cli("train", "--config", recipe).code == 1
+    monkeypatch.undo()
+    result = cli("train", "--config", recipe)
+    assert result.code == 0 and result.has("increment 1 was checkpointed"), result.text
+
+    step = _metrics(tmp_path / "run")[-1]["step"]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    # Row 0, the evaluation before the failed release, and the one of the run that released it.
+    assert [e.step for e in events.Scalars("eval/alpha/loss")] == [0, step, step]
