@@ -123,6 +123,9 @@ def test_tasks_on_the_release_go_to_history_and_trackers(released_run: Path, tmp
     assert row["downstream"] == out["tasks"] and row["step"] == info["step"] and row["increment"] == 1
     assert "5 examples per task" in row["settings"]
 
+    status = cli("status", "--run", released_run)
+    assert f"downstream: olm_tiny_mc acc {acc:.4f}" in status.out, status.out
+
     events = EventAccumulator(str(released_run / "tensorboard"))
     events.Reload()
     points = events.Scalars("downstream/olm_tiny_mc/acc")

@@ -160,9 +160,14 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows.extend(_release_rows(status))
     evaluation = status.get("last_eval")
     if evaluation:
-        losses = "  ".join(f"{name} {r['loss']:.4f}" for name, r in evaluation.get("domains", {}).items())
         when = f"after increment {evaluation.get('increment')} (step {evaluation.get('step')})"
-        rows.append(("last eval", [when, f"loss: {losses}"]))
+        if "downstream" in evaluation:  # a row of `olm eval --tasks`
+            scores = "  ".join(f"{task} {metric} {value:.4f}" for task, metrics in evaluation["downstream"].items()
+                               for metric, value in metrics.items() if "_stderr" not in metric)
+            rows.append(("last eval", [when, f"downstream: {scores}"]))
+        else:
+            losses = "  ".join(f"{name} {r['loss']:.4f}" for name, r in evaluation.get("domains", {}).items())
+            rows.append(("last eval", [when, f"loss: {losses}"]))
     else:
         rows.append(("last eval", ["none"]))
     metrics = status.get("last_metrics")
