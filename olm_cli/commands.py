@@ -205,7 +205,7 @@ def run_downstream(*, run: Path | None, checkpoint: Path | None, tasks: list[str
         run_dir = owning_run(model_dir)
         recipe = _run_recipe(run_dir) if run_dir is not None else None
     increment, step = model_position(model_dir)
-    target = ModelUnderTest(model_dir, run_dir, increment, step)
+    target = ModelUnderTest(model_dir.resolve(), run_dir, increment, step)
     model, tokenizer = _load_model(model_dir)
     import torch
 
@@ -219,7 +219,7 @@ def run_downstream(*, run: Path | None, checkpoint: Path | None, tasks: list[str
                     f"{'task default' if num_fewshot is None else num_fewshot} few-shot")
         record_downstream(target, results, settings=settings, trackers=trackers)
     if as_json:
-        sys.stdout.write(json.dumps({"model": str(model_dir), "increment": increment, "step": step,
+        sys.stdout.write(json.dumps({"model": str(target.path), "increment": increment, "step": step,
                                      "settings": settings, "tasks": results}, indent=2) + "\n")
     else:
         render_downstream(results, console, title=f"lm-eval: {model_dir}")

@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import sys
 import time
@@ -146,7 +147,14 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], manager: Any, *, lim
         from lm_eval.models.huggingface import HFLM
 
         device = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        # Handing HFLM a loaded model is deliberate here; its two warnings about that are not for the user.
+        hf_logger = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_logger.level
+        hf_logger.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        finally:
+            hf_logger.setLevel(level)
         try:
             output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                              num_fewshot=num_fewshot, log_samples=False)
