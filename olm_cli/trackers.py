@@ -180,9 +180,13 @@ class Trackers:
         started = []
         for name in names:
             options = dict(recipe.run.tracker_options.get(name, {}))
+            new_run = name not in identity
             try:
                 tracker = _build(name, project, run_dir, options, identity)
                 tracker.start()
+                if new_run and name != "tensorboard":  # TensorBoard would open a second run for hparams
+                    # The recipe as the run's parameters, once: MLflow refuses to change a logged one.
+                    tracker.store_init_configuration(recipe_parameters(recipe))
             except Exception as exc:  # any tracker's own failure: train without it
                 say(f"[yellow]warning:[/] tracker {name} did not start ({type(exc).__name__}: {exc}); "
                     "training goes on without it")
@@ -225,6 +229,23 @@ class Trackers:
         self._say(f"[yellow]warning:[/] tracker {tracker.name} failed ({type(exc).__name__}: {exc}); "
                   "no more points go to it in this invocation")
         self._trackers.remove(tracker)
+
+
+def recipe_parameters(recipe: Any) -> dict[str, Any]:
+    """The resolved recipe as flat ``section.key`` parameters (scalars as they are, the rest as JSON)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif node is None or isinstance(node, bool | int | float | str):
+            flat[prefix] = node
+        else:
+            flat[prefix] = json.dumps(node)
+
+    walk(recipe.model_dump(mode="json"), "")
+    return flat
 
 
 def _build(name: str, project: str, run_dir: Path, options: dict[str, Any], identity: dict[str, Any]) -> Any:

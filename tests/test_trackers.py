@@ -151,6 +151,8 @@ def test_tensorboard_and_mlflow_get_train_eval_and_forgetting(tmp_path: Path, mo
     assert client.get_metric_history(run_id, "cl/forgetting/alpha")[0].value == pytest.approx(
         summary["forgetting"]["alpha"], rel=1e-6)
     assert "step" not in runs[0].data.metrics and "time" not in runs[0].data.metrics
+    params = runs[0].data.params  # the recipe, logged once when the tracker run began
+    assert params["optim.lr"] == "0.001" and params["run.trackers"] == '["tensorboard", "mlflow"]'
 
 
 def test_a_tracker_that_cannot_start_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
