@@ -122,7 +122,7 @@ def eval_command(
     max_tokens: Annotated[int | None, typer.Option(help="Tokens per domain at most.")] = None,
     matrix: Annotated[bool, typer.Option("--matrix", help="Show the run's continual-learning matrix and its summary instead.")] = False,
     union: Annotated[list[str] | None, typer.Option("--union", help="DOMAIN=LOSS of a union-trained reference, for intransigence (repeatable).")] = None,
-    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness task(s), comma-separated (needs olm[lm-eval]); --run evaluates releases/latest.")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness task(s), comma-separated (needs the lm-eval extra); --run evaluates releases/latest.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: at most N examples per task.")] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples (default: each task's own).")] = None,
     task_dir: Annotated[list[Path] | None, typer.Option("--task-dir", help="With --tasks: a folder of task YAML files of your own (repeatable).")] = None,
