@@ -53,6 +53,10 @@ TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "trackio": (("trackio",), "trackio"),
 }
 TRACKER_NAMES = tuple(TRACKER_PACKAGES)
+# Per tracker, arguments of every log call. MLflow writes each call to its store before returning
+# (tens of milliseconds with SQLite, a round trip with a server): queued instead, flushed when the
+# run ends, so the step never waits for it.
+LOG_OPTIONS: dict[str, dict[str, Any]] = {"mlflow": {"synchronous": False}}
 IDENTITY_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -203,7 +207,7 @@ class Trackers:
             return
         for tracker in list(self._trackers):
             try:
-                tracker.log(dict(tags), step=step)
+                tracker.log(dict(tags), step=step, **LOG_OPTIONS.get(tracker.name, {}))
             except Exception as exc:
                 self._drop(tracker, exc)
 
