@@ -178,6 +178,7 @@ class Trackers:
         if not main_process:
             return cls([], say)
         run_dir = Path(recipe.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         identity_path = run_dir / IDENTITY_FILE
         identity = _read_identity(identity_path)
         project = recipe.run.tracker_project or run_dir.name
@@ -264,7 +265,10 @@ def _build(name: str, project: str, run_dir: Path, options: dict[str, Any], iden
     if name == "mlflow":
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the store and the artifacts in the run directory, not in whatever the cwd is
+            uri = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+            options.setdefault("logging_dir", str(run_dir.resolve() / "mlflow-artifacts"))
         mlflow.set_tracking_uri(uri)  # pinned: MLflow's exit hooks must not fall back to ./mlflow.db
         uri = mlflow.get_tracking_uri()
         if remembered.get("tracking_uri") == uri and remembered.get("run_id"):
