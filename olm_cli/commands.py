@@ -218,6 +218,11 @@ def run_downstream(*, run: Path | None, checkpoint: Path | None, tasks: list[str
         settings = (f"lm-eval, {'all' if limit is None else limit} examples per task, "
                     f"{'task default' if num_fewshot is None else num_fewshot} few-shot")
         record_downstream(target, results, settings=settings, trackers=trackers)
+    if recipe is not None and run_dir is not None and recipe.eval.report:
+        from olm_cli.report import refresh_after_increment
+
+        # The page shows the new downstream numbers too; its one line goes to stderr (stdout may be --json).
+        refresh_after_increment(run_dir, say=lambda line: sys.stderr.write(line + "\n"))
     if as_json:
         sys.stdout.write(json.dumps({"model": str(target.path), "increment": increment, "step": step,
                                      "settings": settings, "tasks": results}, indent=2) + "\n")

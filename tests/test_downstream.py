@@ -68,11 +68,11 @@ def test_missing_extra_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.fixture(scope="module")
 def released_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of one increment with a release and a TensorBoard tracker."""
+    """A run of one increment with a release, a TensorBoard tracker and `eval.report`."""
     root = tmp_path_factory.mktemp("downstream")
     add_shard(root / "stream", "alpha", 0)
     add_shard(root / "stream", "beta", 0)
-    config = write_recipe(root, tiny_recipe(root, run={"trackers": ["tensorboard"]}))
+    config = write_recipe(root, tiny_recipe(root, run={"trackers": ["tensorboard"]}, eval={"report": True}))
     assert cli("train", "--config", config).code == 0
     return root / "run"
 
@@ -122,6 +122,9 @@ def test_tasks_on_the_release_go_to_history_and_trackers(released_run: Path, tmp
     row = [json.loads(line) for line in (released_run / "eval" / "history.jsonl").read_text().splitlines()][-1]
     assert row["downstream"] == out["tasks"] and row["step"] == info["step"] and row["increment"] == 1
     assert "5 examples per task" in row["settings"]
+
+    report = json.loads((released_run / "report" / "report.json").read_text())  # eval.report: regenerated
+    assert report["eval"]["extra_metrics"]["downstream/olm_tiny_mc/acc"][-1]["value"] == pytest.approx(acc)
 
     status = cli("status", "--run", released_run)
     assert f"downstream: olm_tiny_mc acc {acc:.4f}" in status.out, status.out
