@@ -51,6 +51,7 @@ from olm_cli.rundir.atomic import write_json_atomic, write_text_atomic
 from olm_cli.rundir.checkpoint import checkpoint_name, loading_checkpoint, step_of
 from olm_cli.rundir.optimizer_state import load_optimizer_state, optimizer_file_label
 from olm_cli.samples import Block, collate, per_sample_loss
+from olm_cli.schedule import wsd_multiplier
 from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree
 from olm_cli.strategy import StrategyContext
@@ -688,16 +689,17 @@ class Trainer:
 
     def _set_lr(self) -> None:
         o = self.recipe.optim
-        mult = lr_multiplier(self.state.step, warmup=o.warmup_steps, horizon=self.state.horizon, schedule=o.schedule,
-                             min_ratio=o.min_lr_ratio)
+        if o.schedule == "wsd":  # warm-up once per run directory, then constant (olm_cli/schedule.py)
+            mult = wsd_multiplier(self.state.global_step, warmup=o.warmup_steps)
+        else:
+            mult = lr_multiplier(self.state.step, warmup=o.warmup_steps, horizon=self.state.horizon,
+                                 schedule=o.schedule, min_ratio=o.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * mult
 
     # ------------------------------------------------------------------ checkpoint / finish
 
     def _finish_increment(self) -> TrainOutcome:
-        from olm_cli.publish import evaluate_and_release
-
         self.stream.at_end()  # close a shard whose last block was the last one trained
         self._mark_finished_shards()
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -705,21 +707,78 @@ class Trainer:
         path, full_state_dict = self._checkpoint_with_weights(complete=True)
         state = self.state
         self._say(f"increment {state.increment} complete: {state.step} steps, {state.tokens:,} tokens → {path}")
-        released, message = True, ""
-        if self.accelerator.is_main_process:
-            # The checkpoint is training state; what serving reads is the release, behind the gate.
-            result = evaluate_and_release(self.recipe, unwrapped, self.tokenizer, increment=state.increment,
-                                          step=state.global_step, checkpoint=path, trained=dict(state.domain_tokens),
-                                          tokens_trained=state.total_tokens, state_dict=full_state_dict,
-                                          console=self.console)
-            if result is not None:
-                released, message = result.released, result.message
-        released, message = _from_main_process(self.accelerator, (released, message))
-        self.accelerator.end_training()
-        self.replay.close()
+        result = self._release(path, full_state_dict)
+        if result is None:
+            return self._cooldown_stopped(path)
+        released, message = result
         if not released:
             return self._outcome("not_released", EXIT_NOT_RELEASED, path, message)
         return self._outcome("increment_complete", EXIT_OK, path)
+
+    def _release(self, trunk: Path, full_state_dict: dict[str, torch.Tensor] | None) -> tuple[bool, str] | None:
+        """Evaluate and release what the increment releases (the trunk, its SMA or its cooldown branch,
+        olm_cli/release_branch.py); None when a signal stopped the cooldown (checkpointed, the next run finishes it)."""
+        from olm_cli.publish import evaluate_and_release
+        from olm_cli.release_branch import build_release_model
+
+        state = self.state
+        try:
+            release = build_release_model(self, trunk, full_state_dict)
+            if release is None:
+                return None
+            released, message = True, ""
+            if self.accelerator.is_main_process:
+                # The checkpoint is training state; what serving reads is the release, behind the gate.
+                result = evaluate_and_release(self.recipe, release.model, self.tokenizer, increment=state.increment,
+                                              step=state.global_step, checkpoint=trunk,
+                                              trained=dict(state.domain_tokens), tokens_trained=state.total_tokens,
+                                              state_dict=release.state_dict, console=self.console)
+                if result is not None:
+                    released, message = result.released, result.message
+                release.released()
+            released, message = _from_main_process(self.accelerator, (released, message))
+        finally:
+            self.accelerator.end_training()
+            self.replay.close()
+        return released, message
+
+    def _cooldown_stopped(self, trunk: Path) -> TrainOutcome:
+        code = self.stop.exit_code if self.stop is not None else EXIT_OK
+        return self._outcome("interrupted", code, trunk, f"stopped during the cooldown of increment "
+                             f"{self.state.increment}; its checkpoint is written and the next run finishes it")
+
+    def setup_pending_release(self) -> None:
+        """Set up only what the cooldown of a checkpointed, unreleased increment needs (``optim.schedule: wsd``).
+
+        The trunk's final checkpoint is ``latest``; nothing of a new increment begins (no ledger
+        change, no stream position), so the next run plans its increment as if none of this happened.
+        """
+        assert self.latest is not None
+        transformers.utils.logging.disable_progress_bar()
+        self._setup_accelerator()
+        model = self._setup_model()
+        self._setup_parts()
+        model = self.partial.prepare(model, self.state.increment)
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        self._setup_speed_options()
+        self.shard_plan = [Path(p) for p in self.state.shard_plan]
+        self._restore_parts(self.latest)
+
+    def finish_pending_release(self) -> Any:
+        """The cooldown (continued from its checkpoint) and release of the increment ``latest`` completed.
+
+        Returns the release result, or a TrainOutcome when a signal stopped the cooldown again.
+        """
+        from olm_cli.release_branch import ReleaseOutcome
+
+        assert self.latest is not None
+        self._say(f"increment {self.state.increment} was checkpointed ({self.latest.name}) but not released; "
+                  "finishing its cooldown and releasing it now")
+        result = self._release(self.latest, None)
+        if result is None:
+            return self._cooldown_stopped(self.latest)
+        released, message = result
+        return ReleaseOutcome(released, message)
 
     def _outcome(self, status: str, code: int | None, path: Path | None, message: str = "") -> TrainOutcome:
         return TrainOutcome(status, EXIT_OK if code is None else code, self.state.increment, self.state.step,
