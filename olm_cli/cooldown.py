@@ -88,12 +88,13 @@ class CooldownBranch:
 
     def run(self, stop: Any = None) -> bool:
         """Train the branch to its end (True), or checkpoint it and return False on a stop or the time budget."""
-        trainer, recipe, state = self.trainer, self.recipe, self.state
+        trainer, recipe = self.trainer, self.recipe
         accelerator = trainer.accelerator
         stream = trainer._make_stream([Path(p) for p in trainer.state.shard_plan])
         resumed = self._resume(stream)
         if not resumed:
-            seed_everything(recipe.run.seed + state.increment)
+            seed_everything(recipe.run.seed + self.state.increment)
+        state = self.state
         trainer._say(f"cooldown of increment {state.increment}: "
                      + (f"resuming at step {state.step}/{state.steps}" if resumed else f"{state.steps} step(s)")
                      + f", {recipe.optim.cooldown_shape} decay to lr x {recipe.optim.min_lr_ratio}, "
