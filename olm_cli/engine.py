@@ -345,7 +345,7 @@ class Trainer:
             if budget is not None:
                 return budget  # an endless stream: reading it twice to count would cost a second download
             blocks = self._count_blocks()
-        in_data = max(1, math.ceil(blocks / self._new_blocks_per_step()))
+        in_data = max(1, math.ceil(blocks / self._planned_blocks_per_step()))
         if budget is None or in_data >= budget:
             return budget or in_data
         key = "run.max_steps" if run.max_steps is not None else "run.max_tokens"
@@ -356,6 +356,18 @@ class Trainer:
 
     def _new_blocks_per_step(self) -> float:
         return self.recipe.batch.size * (1.0 - self.recipe.replay.ratio) * self.selector.pool_factor
+
+    def _planned_blocks_per_step(self) -> float:
+        """New blocks one step of an unbudgeted increment accounts for.
+
+        ``replay.mode: add``: the new share of a batch, so the increment trains all its data and
+        replay comes on top. ``displace``: a whole batch, so the increment takes as many steps as
+        its new data alone would; replayed samples take new ones' places and the new data left
+        over is carried to the next increment (as after a ``run.max_steps`` budget).
+        """
+        if self.recipe.replay.mode == "displace":
+            return self.recipe.batch.size * self.selector.pool_factor
+        return self._new_blocks_per_step()
 
     def _count_blocks(self) -> float:
         """Read a ``datasets`` source once to count its blocks (it has no byte size to estimate from)."""
@@ -378,7 +390,10 @@ class Trainer:
         run = self.recipe.run
         if remaining is None:
             return
-        horizon = self.state.step + math.ceil(remaining / self._new_blocks_per_step())
+        if self.recipe.replay.mode == "displace":
+            horizon = math.ceil((self.state.new_blocks + remaining) / self._planned_blocks_per_step())
+        else:
+            horizon = self.state.step + math.ceil(remaining / self._new_blocks_per_step())
         if run.max_steps is not None:
             horizon = min(horizon, run.max_steps)
         elif run.max_tokens is not None:
@@ -454,6 +469,7 @@ class Trainer:
                 n_new = plan.samples - n_replay
                 # A whole replay step (possible when the batch is small) takes no new data.
                 pool = self.stream.take(n_new * self.selector.pool_factor) if n_new else []
+                state.new_blocks += len(pool)
                 if not pool and n_new:
                     break
                 selection = (self.selector.select(accelerator.unwrap_model(model), pool, min(n_new, len(pool)), self.pad_id)
@@ -635,6 +651,12 @@ class Trainer:
         # stays at its floor), so no leftover blocks are carried into an otherwise empty night.
         if run.max_steps is not None and self.state.step >= run.max_steps:
             return True
+        if self.recipe.replay.mode == "displace" and self.state.step >= self.state.horizon:
+            # The steps its new data alone would take; what is left is carried (when nothing
+            # is, the next take finds the end and closes the last shard in this increment).
+            remaining = self.stream.remaining_blocks_estimate()
+            if remaining is None or remaining >= 1:
+                return True
         return self.stream.exhausted
 
     def _skip_batch(self, what: str, *, loss: float, grad_norm: float | None = None) -> None:

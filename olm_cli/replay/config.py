@@ -70,6 +70,17 @@ class ReplayConfig(StrategySection):
             "still sees new data."
         ),
     )
+    mode: Literal["add", "displace"] = Field(
+        "add",
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
+        description=(
+            "How replay shares an increment without a budget (no run.max_steps/max_tokens). 'add': the "
+            "increment trains all its new data and replay comes on top (1 / (1 - ratio) times the steps "
+            "of training on the new data alone). 'displace': the increment keeps that step budget; "
+            "replayed samples take new ones' places and the new data left over is carried to the next "
+            "increment, never lost. With a budget replay always displaces."
+        ),
+    )
     seed_from: list[str] = Field(
         json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         default_factory=list,
