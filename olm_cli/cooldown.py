@@ -37,7 +37,7 @@ from olm_cli.errors import OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
 from olm_cli.rundir import CheckpointManager
-from olm_cli.rundir.atomic import write_json_atomic
+from olm_cli.rundir.atomic import append_line_durable, write_json_atomic
 from olm_cli.rundir.checkpoint import CheckpointVerifyError, loading_checkpoint
 from olm_cli.rundir.optimizer_state import load_optimizer_state, save_optimizer_state
 from olm_cli.samples import collate
@@ -235,8 +235,7 @@ class CooldownBranch:
         """Append the finished branch's cost and losses to ``RUN/cooldown-history.jsonl``; return the row."""
         row = asdict(self.state)
         if self.trainer.accelerator.is_main_process:
-            with open(Path(self.recipe.run.dir) / HISTORY_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_line_durable(Path(self.recipe.run.dir) / HISTORY_FILE, json.dumps(row))
         return row
 
 

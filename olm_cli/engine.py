@@ -408,10 +408,16 @@ class Trainer:
         from olm_cli.replay import seed_buffer
 
         cap = self.recipe.replay.seed_samples
-        paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
-        self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
-        # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
-        blocks = self._make_stream(paths).take(cap)
+        if self.recipe.replay.seed_from == "generate":
+            blocks = self._generate_replay_seed()
+            if not blocks:
+                return  # stopped mid-generation: train() stops before its first step, the rerun continues
+            cap = len(blocks)
+        else:
+            paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
+            self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
+            # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
+            blocks = self._make_stream(paths).take(cap)
         k = self.recipe.replay.store_logits_topk
         if k > 0:
             # Stored-logits distillation needs the starting model's logits for the seed blocks too.
@@ -419,6 +425,22 @@ class Trainer:
         else:
             seed_buffer(self.replay, blocks)
         self._say(f"replay buffer warm-started with {min(len(blocks), cap)} blocks from replay.seed_from")
+
+    def _generate_replay_seed(self) -> list[Block]:
+        """The starting model's own samples (``replay.seed_from: generate``, olm_cli/replay/seed_generate.py)."""
+        from olm_cli.replay.seed_generate import generate_seed_blocks
+
+        recipe = self.recipe
+        blocks, cost = generate_seed_blocks(
+            self.accelerator.unwrap_model(self.model), self.tokenizer, recipe.replay.generate, run_dir=self.run_dir,
+            seed=recipe.run.seed, block_size=recipe.data.block_size, device=self.accelerator.device, say=self._say,
+            stopped=lambda: self.stop is not None and self.stop.requested,
+        )
+        if cost is not None:
+            self._say(f"generated {cost.samples} replay seed sample(s): {cost.generated_tokens:,} tokens in "
+                      f"{cost.seconds:.1f}s ({cost.generated_tokens / max(cost.seconds, 1e-9):,.0f} tokens/s)"
+                      + (f", {cost.resumed_batches} batch(es) from an interrupted run" if cost.resumed_batches else ""))
+        return blocks
 
     @torch.no_grad()
     def _seed_with_logits(self, blocks: list[Block], k: int) -> None:

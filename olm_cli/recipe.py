@@ -524,7 +524,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.data.dataset and Path(base / recipe.data.dataset).exists():
         recipe.data.dataset = resolve(recipe.data.dataset)
     recipe.eval.sets = {name: resolve(p) for name, p in recipe.eval.sets.items()}
-    recipe.replay.seed_from = [resolve(s) for s in recipe.replay.seed_from]
+    if recipe.replay.seed_from != "generate":
+        recipe.replay.seed_from = [resolve(s) for s in recipe.replay.seed_from]
     recipe.run.dir = resolve(recipe.run.dir)
     model = recipe.model
     if model.name_or_path and (base / model.name_or_path).exists():
