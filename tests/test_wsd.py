@@ -15,7 +15,17 @@ from typing import Any
 
 import pytest
 import torch
-from e2e_helpers import add_shard, assert_bit_identical, cli, latest, make_recipe, reaped, spawn, wait_for, weights
+from e2e_helpers import (
+    add_shard,
+    assert_bit_identical,
+    cli,
+    latest,
+    make_recipe,
+    reaped,
+    spawn,
+    wait_for,
+    weights,
+)
 
 from olm_cli.rundir import CheckpointManager
 

@@ -140,7 +140,7 @@ class ReplayConfig(StrategySection):
     )
     @model_validator(mode="after")
     def _generate_is_used(self) -> ReplayConfig:
-        if "generate" in self.model_fields_set and self.seed_from != "generate":
+        if self.generate != GenerateConfig() and self.seed_from != "generate":
             raise ValueError("replay.generate applies with replay.seed_from: generate")
         return self
 
