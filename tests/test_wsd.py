@@ -9,6 +9,7 @@ bit-identical weights.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,56 @@ def test_sma_release_is_the_average_of_the_last_trunk_checkpoints(tmp_path: Path
     assert f"average of 3 trunk checkpoint(s) ({', '.join(p.name for p in kept)})" in result.text
     # The trunk is untouched: its latest checkpoint is still the trained model.
     assert_bit_identical(weights(latest(run_dir)), trunk[-1])
+
+
+class _StopAfter:
+    """A GracefulStop stand-in whose signal arrives before branch step ``steps + 1``."""
+
+    exit_code = 0
+
+    def __init__(self, steps: int) -> None:
+        self.checks = 0
+        self.steps = steps
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks > self.steps
+
+
+def test_a_stopped_cooldown_checkpoints_and_the_next_run_finishes_it_identically(tmp_path: Path, monkeypatch) -> None:
+    from olm_cli import cooldown
+
+    recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=12, **_wsd(1.0, run={"checkpoint_every": 100}))
+    run_dir = tmp_path / "run"
+    assert cli("train", "--config", recipe).code == 0
+    reference = _release(run_dir, 1)
+    # As if the run had died after the trunk's checkpoint: the release is pending.
+    shutil.rmtree(run_dir / "releases")
+    (run_dir / "cooldown-history.jsonl").unlink()
+    run = cooldown.CooldownBranch.run
+    monkeypatch.setattr(cooldown.CooldownBranch, "run", lambda self, stop: run(self, _StopAfter(3)))
+    stopped = cli("train", "--config", recipe, "--json")
+    monkeypatch.undo()
+    assert stopped.code == 0 and stopped.json()["status"] == "interrupted", stopped.text
+    assert "stopped during the cooldown of increment 1" in stopped.text
+    assert [p.name for p in CheckpointManager(run_dir / "cooldown").list()] == ["step-00000003"]
+    assert not (run_dir / "releases" / "release-0001").exists()
+
+    finished = cli("train", "--config", recipe)
+    assert finished.code == 0, finished.text
+    assert "resuming at step 3/" in finished.text
+    assert_bit_identical(_release(run_dir, 1), reference)
+
+
+def test_a_pending_sma_release_is_the_same_average(tmp_path: Path) -> None:
+    recipe = make_recipe(tmp_path, shards=[("alpha", 0)], docs=12, optim={"schedule": "constant"},
+                         release={"merge": "sma", "merge_last": 2}, run={"checkpoint_every": 3, "keep_checkpoints": 2})
+    run_dir = tmp_path / "run"
+    assert cli("train", "--config", recipe).code == 0
+    reference = _release(run_dir, 1)
+    shutil.rmtree(run_dir / "releases")
+    again = cli("train", "--config", recipe)
+    assert again.code == 0, again.text
+    assert "not released; evaluating and releasing it now" in again.text and "average of 2" in again.text
+    assert_bit_identical(_release(run_dir, 1), reference)
