@@ -106,17 +106,15 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, config: GenerateConf
     prompt = _prompt_ids(tokenizer, config.prompts[batch % len(config.prompts)] if config.prompts else None)
     input_ids = torch.tensor([prompt] * count, dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed + batch)
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     started = time.perf_counter()
-    try:
+    with torch.random.fork_rng(devices=cuda):  # the run's own random streams are not shifted
+        torch.manual_seed(seed + batch)
         output = model.generate(  # type: ignore[operator]
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
             temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
             pad_token_id=pad,
         )
-    finally:
-        torch.random.set_rng_state(generator_state)  # the run's own random stream is not shifted
     seconds = time.perf_counter() - started
     rows = [_trim(row[len(prompt):].tolist(), tokenizer.eos_token_id) for row in output.cpu()]
     samples = [np.asarray(prompt + row, dtype=np.int32) for row in rows]
