@@ -431,6 +431,9 @@ class Trainer:
         from olm_cli.replay.seed_generate import generate_seed_blocks
 
         recipe = self.recipe
+        if recipe.model.init == "scratch":
+            self._say("[yellow]warning:[/] replay.seed_from generate samples a model initialised from scratch: "
+                      "its samples are noise (meant for a pretrained model whose data you do not have)")
         blocks, cost = generate_seed_blocks(
             self.accelerator.unwrap_model(self.model), self.tokenizer, recipe.replay.generate, run_dir=self.run_dir,
             seed=recipe.run.seed, block_size=recipe.data.block_size, device=self.accelerator.device, say=self._say,
