@@ -100,6 +100,8 @@ def build_release_model(trainer: Any, trunk: Path, full_state_dict: Mapping[str,
     accelerator = trainer.accelerator
     unwrapped = accelerator.unwrap_model(trainer.model)
     sma = recipe.release.merge == "sma"
+    if not recipe.release.enabled and not (recipe.eval.after_increment and recipe.eval.sets):
+        return ReleaseModel(unwrapped, full_state_dict)  # nothing would evaluate or release a branch
     if recipe.optim.schedule != "wsd":
         if not sma:
             return ReleaseModel(unwrapped, full_state_dict)
