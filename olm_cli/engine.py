@@ -51,6 +51,7 @@ from olm_cli.rundir.atomic import write_json_atomic, write_text_atomic
 from olm_cli.rundir.checkpoint import checkpoint_name, loading_checkpoint, step_of
 from olm_cli.rundir.optimizer_state import load_optimizer_state, optimizer_file_label
 from olm_cli.samples import Block, collate, per_sample_loss
+from olm_cli.schedule import wsd_multiplier
 from olm_cli.selectors.contract import Selection
 from olm_cli.state_files import load_tree
 from olm_cli.strategy import StrategyContext
@@ -344,7 +345,7 @@ class Trainer:
             if budget is not None:
                 return budget  # an endless stream: reading it twice to count would cost a second download
             blocks = self._count_blocks()
-        in_data = max(1, math.ceil(blocks / self._new_blocks_per_step()))
+        in_data = max(1, math.ceil(blocks / self._planned_blocks_per_step()))
         if budget is None or in_data >= budget:
             return budget or in_data
         key = "run.max_steps" if run.max_steps is not None else "run.max_tokens"
@@ -355,6 +356,18 @@ class Trainer:
 
     def _new_blocks_per_step(self) -> float:
         return self.recipe.batch.size * (1.0 - self.recipe.replay.ratio) * self.selector.pool_factor
+
+    def _planned_blocks_per_step(self) -> float:
+        """New blocks one step of an unbudgeted increment accounts for.
+
+        ``replay.mode: add``: the new share of a batch, so the increment trains all its data and
+        replay comes on top. ``displace``: a whole batch, so the increment takes as many steps as
+        its new data alone would; replayed samples take new ones' places and the new data left
+        over is carried to the next increment (as after a ``run.max_steps`` budget).
+        """
+        if self.recipe.replay.mode == "displace":
+            return self.recipe.batch.size * self.selector.pool_factor
+        return self._new_blocks_per_step()
 
     def _count_blocks(self) -> float:
         """Read a ``datasets`` source once to count its blocks (it has no byte size to estimate from)."""
@@ -377,7 +390,10 @@ class Trainer:
         run = self.recipe.run
         if remaining is None:
             return
-        horizon = self.state.step + math.ceil(remaining / self._new_blocks_per_step())
+        if self.recipe.replay.mode == "displace":
+            horizon = math.ceil((self.state.new_blocks + remaining) / self._planned_blocks_per_step())
+        else:
+            horizon = self.state.step + math.ceil(remaining / self._new_blocks_per_step())
         if run.max_steps is not None:
             horizon = min(horizon, run.max_steps)
         elif run.max_tokens is not None:
@@ -392,10 +408,16 @@ class Trainer:
         from olm_cli.replay import seed_buffer
 
         cap = self.recipe.replay.seed_samples
-        paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
-        self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
-        # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
-        blocks = self._make_stream(paths).take(cap)
+        if self.recipe.replay.seed_from == "generate":
+            blocks = self._generate_replay_seed()
+            if not blocks:
+                return  # stopped mid-generation: train() stops before its first step, the rerun continues
+            cap = len(blocks)
+        else:
+            paths = discover_shards(self.recipe.replay.seed_from, setting="replay.seed_from")
+            self._say(f"warm-starting the replay buffer from {len(paths)} file(s) of replay.seed_from")
+            # The recipe's data settings (format, text field, domains) apply to seed files as to shards.
+            blocks = self._make_stream(paths).take(cap)
         k = self.recipe.replay.store_logits_topk
         if k > 0:
             # Stored-logits distillation needs the starting model's logits for the seed blocks too.
@@ -403,6 +425,25 @@ class Trainer:
         else:
             seed_buffer(self.replay, blocks)
         self._say(f"replay buffer warm-started with {min(len(blocks), cap)} blocks from replay.seed_from")
+
+    def _generate_replay_seed(self) -> list[Block]:
+        """The starting model's own samples (``replay.seed_from: generate``, olm_cli/replay/seed_generate.py)."""
+        from olm_cli.replay.seed_generate import generate_seed_blocks
+
+        recipe = self.recipe
+        if recipe.model.init == "scratch":
+            self._say("[yellow]warning:[/] replay.seed_from generate samples a model initialised from scratch: "
+                      "its samples are noise (meant for a pretrained model whose data you do not have)")
+        blocks, cost = generate_seed_blocks(
+            self.accelerator.unwrap_model(self.model), self.tokenizer, recipe.replay.generate, run_dir=self.run_dir,
+            seed=recipe.run.seed, block_size=recipe.data.block_size, device=self.accelerator.device, say=self._say,
+            stopped=lambda: self.stop is not None and self.stop.requested,
+        )
+        if cost is not None:
+            self._say(f"generated {cost.samples} replay seed sample(s): {cost.generated_tokens:,} tokens in "
+                      f"{cost.seconds:.1f}s ({cost.generated_tokens / max(cost.seconds, 1e-9):,.0f} tokens/s)"
+                      + (f", {cost.resumed_batches} batch(es) from an interrupted run" if cost.resumed_batches else ""))
+        return blocks
 
     @torch.no_grad()
     def _seed_with_logits(self, blocks: list[Block], k: int) -> None:
@@ -453,6 +494,7 @@ class Trainer:
                 n_new = plan.samples - n_replay
                 # A whole replay step (possible when the batch is small) takes no new data.
                 pool = self.stream.take(n_new * self.selector.pool_factor) if n_new else []
+                state.new_blocks += len(pool)
                 if not pool and n_new:
                     break
                 selection = (self.selector.select(accelerator.unwrap_model(model), pool, min(n_new, len(pool)), self.pad_id)
@@ -634,6 +676,12 @@ class Trainer:
         # stays at its floor), so no leftover blocks are carried into an otherwise empty night.
         if run.max_steps is not None and self.state.step >= run.max_steps:
             return True
+        if self.recipe.replay.mode == "displace" and self.state.step >= self.state.horizon:
+            # The steps its new data alone would take; what is left is carried (when nothing
+            # is, the next take finds the end and closes the last shard in this increment).
+            remaining = self.stream.remaining_blocks_estimate()
+            if remaining is None or remaining >= 1:
+                return True
         return self.stream.exhausted
 
     def _skip_batch(self, what: str, *, loss: float, grad_norm: float | None = None) -> None:
@@ -688,16 +736,17 @@ class Trainer:
 
     def _set_lr(self) -> None:
         o = self.recipe.optim
-        mult = lr_multiplier(self.state.step, warmup=o.warmup_steps, horizon=self.state.horizon, schedule=o.schedule,
-                             min_ratio=o.min_lr_ratio)
+        if o.schedule == "wsd":  # warm-up once per run directory, then constant (olm_cli/schedule.py)
+            mult = wsd_multiplier(self.state.global_step, warmup=o.warmup_steps)
+        else:
+            mult = lr_multiplier(self.state.step, warmup=o.warmup_steps, horizon=self.state.horizon,
+                                 schedule=o.schedule, min_ratio=o.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * mult
 
     # ------------------------------------------------------------------ checkpoint / finish
 
     def _finish_increment(self) -> TrainOutcome:
-        from olm_cli.publish import evaluate_and_release
-
         self.stream.at_end()  # close a shard whose last block was the last one trained
         self._mark_finished_shards()
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -705,21 +754,82 @@ class Trainer:
         path, full_state_dict = self._checkpoint_with_weights(complete=True)
         state = self.state
         self._say(f"increment {state.increment} complete: {state.step} steps, {state.tokens:,} tokens → {path}")
-        released, message = True, ""
-        if self.accelerator.is_main_process:
-            # The checkpoint is training state; what serving reads is the release, behind the gate.
-            result = evaluate_and_release(self.recipe, unwrapped, self.tokenizer, increment=state.increment,
-                                          step=state.global_step, checkpoint=path, trained=dict(state.domain_tokens),
-                                          tokens_trained=state.total_tokens, state_dict=full_state_dict,
-                                          console=self.console, trackers=self.trackers)
-            if result is not None:
-                released, message = result.released, result.message
-        released, message = _from_main_process(self.accelerator, (released, message))
-        self.accelerator.end_training()
-        self.replay.close()
+        result = self._release(path, full_state_dict)
+        if result is None:
+            return self._cooldown_stopped(path)
+        released, message = result
         if not released:
             return self._outcome("not_released", EXIT_NOT_RELEASED, path, message)
         return self._outcome("increment_complete", EXIT_OK, path)
+
+    def _release(self, trunk: Path, full_state_dict: dict[str, torch.Tensor] | None) -> tuple[bool, str] | None:
+        """Evaluate and release what the increment releases (the trunk, its SMA or its cooldown branch,
+        olm_cli/release_branch.py); None when a signal stopped the cooldown (checkpointed, the next run finishes it)."""
+        from olm_cli.publish import evaluate_and_release
+        from olm_cli.release_branch import build_release_model
+
+        state = self.state
+        try:
+            release = build_release_model(self, trunk, full_state_dict)
+            if release is None:
+                return None
+            released, message = True, ""
+            if self.accelerator.is_main_process:
+                # The checkpoint is training state; what serving reads is the release, behind the gate.
+                result = evaluate_and_release(self.recipe, release.model, self.tokenizer, increment=state.increment,
+                                              step=state.global_step, checkpoint=trunk,
+                                              trained=dict(state.domain_tokens), tokens_trained=state.total_tokens,
+                                              state_dict=release.state_dict, console=self.console,
+                                              trackers=self.trackers)
+                if result is not None:
+                    released, message = result.released, result.message
+                release.released()
+            released, message = _from_main_process(self.accelerator, (released, message))
+        finally:
+            self.accelerator.end_training()
+            self.replay.close()
+        return released, message
+
+    def _cooldown_stopped(self, trunk: Path) -> TrainOutcome:
+        code = self.stop.exit_code if self.stop is not None else EXIT_OK
+        return self._outcome("interrupted", code, trunk, f"stopped during the cooldown of increment "
+                             f"{self.state.increment}; its checkpoint is written and the next run finishes it")
+
+    def setup_pending_release(self) -> None:
+        """Set up only what the cooldown of a checkpointed, unreleased increment needs (``optim.schedule: wsd``).
+
+        The trunk's final checkpoint is ``latest``; nothing of a new increment begins (no ledger
+        change, no stream position), so the next run plans its increment as if none of this happened.
+        """
+        assert self.latest is not None
+        transformers.utils.logging.disable_progress_bar()
+        self._setup_accelerator()
+        model = self._setup_model()
+        self._setup_parts()
+        model = self.partial.prepare(model, self.state.increment)
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        self._setup_speed_options()
+        self.shard_plan = [Path(p) for p in self.state.shard_plan]
+        self._restore_parts(self.latest)
+        # The release's eval reaches the trackers as an uninterrupted night's would (closed by finish).
+        self.trackers = Trackers.open(self.recipe, main_process=self.accelerator.is_main_process, say=self._say)
+
+    def finish_pending_release(self) -> Any:
+        """The cooldown (continued from its checkpoint) and release of the increment ``latest`` completed.
+
+        Returns the release result, or a TrainOutcome when a signal stopped the cooldown again.
+        """
+        from olm_cli.release_branch import ReleaseOutcome
+
+        assert self.latest is not None
+        self._say(f"increment {self.state.increment} was checkpointed ({self.latest.name}) but not released; "
+                  "finishing its cooldown and releasing it now")
+        with contextlib.closing(self.trackers):
+            result = self._release(self.latest, None)
+        if result is None:
+            return self._cooldown_stopped(self.latest)
+        released, message = result
+        return ReleaseOutcome(released, message)
 
     def _outcome(self, status: str, code: int | None, path: Path | None, message: str = "") -> TrainOutcome:
         return TrainOutcome(status, EXIT_OK if code is None else code, self.state.increment, self.state.step,

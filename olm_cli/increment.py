@@ -180,9 +180,11 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
                 plan = plan_increment(recipe, main_say, main_process=is_main, fallback=fallback)
                 released = None
                 if is_main and release_pending(recipe, plan):
-                    released = _publish_pending(recipe, plan, fallback, console, main_say)
+                    released = _publish_pending(recipe, plan, fallback, console, main_say, stop)
                     if released is None:
                         continue  # the checkpoint was rejected; plan again without it
+                    if isinstance(released, TrainOutcome):
+                        return released  # a signal stopped the cooldown again (checkpointed)
                 if released is not None and not released.released and plan.has_work:
                     main_say(f"[yellow]warning:[/] {escape(released.message)}")
                 if not plan.has_work:
@@ -234,14 +236,25 @@ def release_pending(recipe: Recipe, plan: IncrementPlan) -> bool:
     return True
 
 
-def _publish_pending(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any) -> Any:
-    """Release the increment a crash left checkpointed but unreleased; None if the checkpoint is unusable."""
+def _publish_pending(recipe: Recipe, plan: IncrementPlan, fallback: CheckpointFallback, console: Any, say: Any,
+                     stop: Any = None) -> Any:
+    """Release the increment a crash left checkpointed but unreleased; None if the checkpoint is unusable.
+
+    Under ``optim.schedule: wsd`` the release is a cooldown branch: the engine sets up from the
+    trunk checkpoint and trains (or continues) it first; a signal then returns a TrainOutcome.
+    """
     from olm_cli.publish import publish_pending_release
 
     assert plan.latest is not None
     try:
         plan.checkpoints.verify(plan.latest, deep=True)
         _report_fallback(fallback, say)
+        if recipe.optim.schedule == "wsd":
+            from olm_cli.engine import Trainer
+
+            trainer = Trainer(recipe, plan, console=console, stop=stop)
+            trainer.setup_pending_release()
+            return trainer.finish_pending_release()
         return publish_pending_release(recipe, plan.latest, plan.state, console=console)
     except (CheckpointVerifyError, CheckpointLoadError) as exc:
         fallback.reject(plan.latest, exc.reason)

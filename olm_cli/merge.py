@@ -184,3 +184,33 @@ def merge_checkpoints(
             json.dumps({"checkpoints": [str(p) for p in paths], "weights": ws}, indent=2), encoding="utf-8"
         )
     return out
+
+
+def average_weights(checkpoints: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """The uniform average of ``checkpoints``' weights, in memory (``release.merge: sma``).
+
+    Same rules as :func:`merge_checkpoints` (safetensors only, olm checkpoints re-hashed,
+    float32 accumulation, each tensor back in its own dtype, integer buffers taken from the
+    first), without writing anything: the caller loads the result into a model.
+    """
+    if not checkpoints:
+        raise CheckpointError("averaging needs at least one checkpoint")
+    paths = [Path(c) for c in checkpoints]
+    averaged: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        readers = [_Reader(p, stack) for p in paths]
+        names = sorted(readers[0].where)
+        for reader in readers[1:]:
+            if sorted(reader.where) != names:
+                raise CheckpointError(f"checkpoints {paths[0].name} and {reader.checkpoint.name} hold different "
+                                      "tensors; they cannot be averaged")
+        for name in names:
+            base = readers[0].get(name)
+            if not base.is_floating_point():
+                averaged[name] = base.clone()
+                continue
+            acc = base.to(torch.float32)
+            for reader in readers[1:]:
+                acc.add_(reader.get(name).to(torch.float32))
+            averaged[name] = acc.div_(len(readers)).to(base.dtype)
+    return averaged

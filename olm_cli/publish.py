@@ -72,6 +72,13 @@ def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, A
     with loading_checkpoint(checkpoint, "the model or tokenizer"):
         model = load_pretrained(str(checkpoint), dtype=recipe.model.dtype)
         tokenizer = load_tokenizer(str(checkpoint))
+    if recipe.release.merge == "sma":
+        from olm_cli.release_branch import average_trunk
+        from olm_cli.rundir import CheckpointManager
+
+        checkpoints = CheckpointManager(checkpoint.parent, keep=recipe.run.keep_checkpoints)
+        average_trunk(recipe, checkpoints, checkpoint, model,
+                      console.print if console is not None else (lambda *_: None))
     if torch.cuda.is_available():
         model = model.to("cuda")
     say = console.print if console is not None else None

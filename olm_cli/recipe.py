@@ -148,12 +148,28 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with warm-up and cosine re-decay, restarted at every increment."""
+    """AdamW with warm-up and cosine re-decay restarted at every increment, or warm-up once and a constant rate (`wsd`)."""
 
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of each increment.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
-    warmup_steps: int = Field(20, ge=0, description="Linear re-warm-up at the start of every increment.")
-    schedule: Literal["cosine", "constant", "linear"] = Field("cosine", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine (and linear) decay, and `wsd`'s cooldown, end at lr * min_lr_ratio.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up: at the start of every increment, or once per run directory with `schedule: wsd`.")
+    schedule: Literal["cosine", "constant", "linear", "wsd"] = Field(
+        "cosine",
+        description="Decay after warm-up. `cosine`/`linear`/`constant`: re-warmed and re-decayed inside every increment. "
+        "`wsd` (warm-up, stable, decay): warm-up once per run directory, then a constant rate through every increment "
+        "(the trunk, optimiser state carried); each increment's release is a cooldown branch off the trunk "
+        "(`cooldown_fraction`, `cooldown_shape`) and the next increment continues from the trunk, not the cooled model.",
+    )
+    cooldown_fraction: float = Field(
+        0.1, gt=0, le=1,
+        description="`wsd` only: the cooldown branch trains this fraction of the increment's trunk steps (at least one), "
+        "on the increment's data read again from its start, mixed with replay at `replay.ratio`.",
+    )
+    cooldown_shape: Literal["linear", "cosine", "sqrt"] = Field(
+        "sqrt",
+        description="`wsd` only: how the cooldown's rate falls from `lr` to `lr * min_lr_ratio` with progress p: "
+        "`linear` 1-p, `cosine` (1+cos(pi p))/2, `sqrt` 1-sqrt(p) (arXiv 2405.18392).",
+    )
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (not applied to norms and biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -282,6 +298,17 @@ class ReleaseConfig(Section):
     enabled: bool = Field(True, description="Write a release (model, tokenizer, model card) after every completed increment; `RUN/releases/latest` moves to it only when it passes the gate.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of the released weights (`auto`: the training model's). Only the saved copy is cast.")
     keep: int = Field(3, gt=0, description="Newest releases kept on disk, released or rejected; the one `releases/latest` points to is never removed.")
+    merge: Literal["none", "sma"] = Field(
+        "none",
+        description="`sma`: the release is the simple moving average of the last `merge_last` trunk checkpoints "
+        "(no extra training; arXiv 2505.12082), best with a constant rate (`optim.schedule: wsd` or `constant`). "
+        "With `wsd` the cooldown starts from that average. `none`: the trunk's (or the cooldown's) weights.",
+    )
+    merge_last: int = Field(
+        3, ge=1,
+        description="`merge: sma` only: how many of the newest trunk checkpoints (periodic ones included, "
+        "`run.checkpoint_every`) are averaged; `run.keep_checkpoints` must keep at least this many.",
+    )
 
 
 class Recipe(BaseModel):
@@ -331,6 +358,17 @@ class Recipe(BaseModel):
         if self.replay.store_logits_topk:
             raise ValueError("run.loss_implementation 'chunked' never builds the logits that replay.store_logits_topk "
                              "keeps; use run.loss_implementation: standard")
+        return self
+
+    @model_validator(mode="after")
+    def _release_branch_is_buildable(self) -> Recipe:
+        if self.release.merge == "sma" and self.release.merge_last > self.run.keep_checkpoints:
+            raise ValueError(f"release.merge_last ({self.release.merge_last}) averages more trunk checkpoints than "
+                             f"run.keep_checkpoints ({self.run.keep_checkpoints}) keeps; raise run.keep_checkpoints "
+                             f"to at least {self.release.merge_last}")
+        if self.release.merge == "sma" and self.optim.schedule == "wsd" and self.train.lora is not None:
+            raise ValueError("release.merge 'sma' with optim.schedule 'wsd' cools down from averaged merged weights, "
+                             "which a LoRA model (train.lora) cannot train from; use one of the two")
         return self
 
     @model_validator(mode="after")
@@ -514,7 +552,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.data.dataset and Path(base / recipe.data.dataset).exists():
         recipe.data.dataset = resolve(recipe.data.dataset)
     recipe.eval.sets = {name: resolve(p) for name, p in recipe.eval.sets.items()}
-    recipe.replay.seed_from = [resolve(s) for s in recipe.replay.seed_from]
+    if recipe.replay.seed_from != "generate":
+        recipe.replay.seed_from = [resolve(s) for s in recipe.replay.seed_from]
     recipe.run.dir = resolve(recipe.run.dir)
     model = recipe.model
     if model.name_or_path and (base / model.name_or_path).exists():

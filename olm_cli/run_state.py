@@ -32,6 +32,7 @@ class TrainerState:
     horizon: int = 1  # schedule length of this increment, in steps
     global_step: int = 0  # optimizer steps since the run began (checkpoint names)
     tokens: int = 0  # tokens trained in this increment (new + replay)
+    new_blocks: int = 0  # new blocks taken from the stream in this increment (replay.mode: displace plans on them)
     total_tokens: int = 0
     unselected: int = 0  # blocks the selector passed over, since the run began
     domain_tokens: dict[str, int] = field(default_factory=dict)  # new tokens per domain, this increment

@@ -264,13 +264,18 @@ def test_the_resolved_recipe_lists_only_applicable_keys_and_validates_again(tmp_
 
 def test_a_run_directory_recipe_from_before_the_rule_still_loads_for_olm(tmp_path: Path) -> None:
     """Older olm wrote every key of every strategy into RUN/recipe.yaml; `olm eval --run` reads it."""
+    from pydantic import BaseModel
+
     from olm_cli.recipe import Recipe
 
     recipe_dict = tiny_recipe(tmp_path)
     for name in ("selector", "batch", "replay", "distill", "regularize"):
         section = Recipe.model_fields[name].annotation
         assert section is not None
-        recipe_dict[name] = {key: field.get_default(call_default_factory=True) for key, field in section.model_fields.items()}
+        defaults = {key: field.get_default(call_default_factory=True) for key, field in section.model_fields.items()}
+        # A nested section (replay.generate) is written as the mapping it is in YAML.
+        recipe_dict[name] = {key: value.model_dump() if isinstance(value, BaseModel) else value
+                             for key, value in defaults.items()}
         recipe_dict[name].update(tiny_recipe(tmp_path).get(name, {}))
     path = write_recipe(tmp_path, recipe_dict)
     with pytest.raises(RecipeError, match="selector.num_clusters: applies to selector 'coverage'"):

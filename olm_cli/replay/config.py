@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
-from olm_cli.config_base import StrategySection, for_strategies
+from olm_cli.config_base import Section, StrategySection, for_strategies
 from olm_cli.replay.registry import REPLAY_BUFFERS
 from olm_cli.strategy import Registry
 
@@ -24,6 +24,21 @@ BUFFERED_POLICIES: tuple[str, ...] = (
 )
 """Built-in policies that keep a buffer; with ``none`` there is nothing to size, seed or replay.
 A policy registered from outside olm takes none of their keys."""
+
+
+class GenerateConfig(Section):
+    """``replay.seed_from: generate``: the starting model's own samples warm-start the buffer."""
+
+    samples: int = Field(256, gt=0, description="Samples to generate (each one replay item).")
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per sample, after its prompt (fewer when the model ends the text).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1: the model's own distribution).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens holding this probability.")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Texts the samples start from, used in turn (one per generation batch). Empty: each sample "
+        "starts from the beginning-of-text token alone (the model's unconditional distribution).",
+    )
+    batch_size: int = Field(16, gt=0, description="Samples generated per forward batch.")
 
 
 class ReplayConfig(StrategySection):
@@ -70,13 +85,30 @@ class ReplayConfig(StrategySection):
             "still sees new data."
         ),
     )
-    seed_from: list[str] = Field(
+    mode: Literal["add", "displace"] = Field(
+        "add",
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
+        description=(
+            "How replay shares an increment without a budget (no run.max_steps/max_tokens). 'add': the "
+            "increment trains all its new data and replay comes on top (1 / (1 - ratio) times the steps "
+            "of training on the new data alone). 'displace': the increment keeps that step budget; "
+            "replayed samples take new ones' places and the new data left over is carried to the next "
+            "increment, never lost. With a budget replay always displaces."
+        ),
+    )
+    seed_from: list[str] | Literal["generate"] = Field(
         json_schema_extra=for_strategies(*BUFFERED_POLICIES),
         default_factory=list,
         description=(
             "Shard paths or glob patterns (relative to the recipe's directory) whose blocks "
-            "warm-start an empty buffer before the first step."
+            "warm-start an empty buffer before the first step; or `generate`: the starting model's "
+            "own samples (replay.generate), for a pretrained model whose training data you do not have."
         ),
+    )
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig,
+        json_schema_extra=for_strategies(*BUFFERED_POLICIES),
+        description="How `seed_from: generate` samples: batched, resumable, its cost reported and recorded in RUN/replay-seed/.",
     )
     seed_samples: int = Field(
         1000,
@@ -106,6 +138,12 @@ class ReplayConfig(StrategySection):
             "cannot blow up the loss. 1 gives plain uniform draws."
         ),
     )
+    @model_validator(mode="after")
+    def _generate_is_used(self) -> ReplayConfig:
+        if self.generate != GenerateConfig() and self.seed_from != "generate":
+            raise ValueError("replay.generate applies with replay.seed_from: generate")
+        return self
+
     store_logits_topk: int = Field(
         0,
         json_schema_extra=for_strategies(*BUFFERED_POLICIES),

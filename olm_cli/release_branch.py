@@ -1,0 +1,118 @@
+"""Which weights an increment releases: the trunk, the average of its last checkpoints, a cooldown.
+
+With the default recipe the release is the model the increment trained (the trunk). Two
+recipe keys make it something the trunk does not continue from:
+
+* ``release.merge: sma``: the simple moving average of the newest ``release.merge_last``
+  trunk checkpoints (this increment's final one included). Averaging checkpoints taken at a
+  constant rate approximates annealing without training (arXiv 2505.12082).
+* ``optim.schedule: wsd``: a cooldown branch (:mod:`olm_cli.cooldown`); with ``sma`` as well
+  it starts from the average.
+
+The trunk's checkpoint is written before either, so the next increment starts from the trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olm_cli.cooldown import CooldownBranch, require_unsharded
+from olm_cli.errors import CheckpointError
+from olm_cli.recipe import Recipe
+from olm_cli.rundir import CheckpointManager
+from olm_cli.rundir.checkpoint import loading_checkpoint, step_of
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    """A pending release finished by the engine: what ``olm train`` reports, as a ReleaseResult would."""
+
+    released: bool
+    message: str
+
+
+@dataclass
+class ReleaseModel:
+    """The model to evaluate and release, and the branch to clean up once it is released."""
+
+    model: torch.nn.Module
+    state_dict: Mapping[str, torch.Tensor] | None = None  # the full weights when the model is sharded
+    branch: CooldownBranch | None = None
+    note: str = ""
+
+    def released(self) -> None:
+        """The release is written: the cooldown's checkpoints are no longer needed."""
+        if self.branch is not None:
+            self.branch.discard()
+
+
+def sma_checkpoints(checkpoints: CheckpointManager, trunk: Path, count: int) -> list[Path]:
+    """The newest ``count`` trunk checkpoints up to and including ``trunk``, oldest first."""
+    return [p for p in checkpoints.list() if step_of(p) <= step_of(trunk)][-count:]
+
+
+def load_average(model: torch.nn.Module, averaged: Mapping[str, torch.Tensor]) -> None:
+    """Copy averaged weights into ``model``; a tied output layer (saved once) follows its embedding."""
+    missing, unexpected = model.load_state_dict(dict(averaged), strict=False)
+    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name not in missing}
+    untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise CheckpointError(f"the averaged checkpoints do not fit the model (unexpected: {list(unexpected)[:3]}, "
+                              f"missing: {untied[:3]})")
+
+
+def average_trunk(recipe: Recipe, checkpoints: CheckpointManager, trunk: Path, model: torch.nn.Module,
+                  say: Any) -> str:
+    """Load the SMA of the last ``release.merge_last`` trunk checkpoints into ``model``; return a note for the log."""
+    from olm_cli.merge import average_weights
+
+    chosen = sma_checkpoints(checkpoints, trunk, recipe.release.merge_last)
+    averaged = average_weights(chosen)
+    load_average(model, averaged)
+    names = ", ".join(p.name for p in chosen)
+    note = f"average of {len(chosen)} trunk checkpoint(s) ({names})"
+    if len(chosen) < recipe.release.merge_last:
+        note += f"; release.merge_last is {recipe.release.merge_last}, the run has only these so far"
+    say(f"release: {note}")
+    return note
+
+
+def sma_model(recipe: Recipe, checkpoints: CheckpointManager, trunk: Path, device: Any, say: Any) -> torch.nn.Module:
+    """A fresh model holding the SMA of the trunk (the trunk's own model stays as trained)."""
+    from olm_cli.modeling import load_pretrained
+
+    with loading_checkpoint(trunk, "the model"):
+        model = load_pretrained(str(trunk), dtype=recipe.model.dtype,
+                                attn_implementation=recipe.model.attn_implementation)
+    average_trunk(recipe, checkpoints, trunk, model, say)
+    return model.to(device)
+
+
+def build_release_model(trainer: Any, trunk: Path, full_state_dict: Mapping[str, torch.Tensor] | None
+                        ) -> ReleaseModel | None:
+    """The increment's release from ``trainer`` after its trunk checkpoint ``trunk``; None: stopped mid-cooldown."""
+    recipe: Recipe = trainer.recipe
+    accelerator = trainer.accelerator
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    sma = recipe.release.merge == "sma"
+    if not recipe.release.enabled and not (recipe.eval.after_increment and recipe.eval.sets):
+        return ReleaseModel(unwrapped, full_state_dict)  # nothing would evaluate or release a branch
+    if recipe.optim.schedule != "wsd":
+        if not sma:
+            return ReleaseModel(unwrapped, full_state_dict)
+        return ReleaseModel(sma_model(recipe, trainer.checkpoints, trunk, accelerator.device, trainer._say))
+    require_unsharded(accelerator)
+    branch = CooldownBranch(trainer, trunk)
+    if sma:  # the cooldown starts from the average (a resumed branch then loads its own weights)
+        average_trunk(recipe, trainer.checkpoints, trunk, unwrapped, trainer._say)
+    if not branch.run(trainer.stop):
+        return None
+    row = branch.record()
+    note = f"cooldown: {row['steps']} step(s), {row['tokens']:,} tokens, {row['seconds']:.1f}s"
+    trainer._say(f"{note} (the next increment continues from trunk {trunk.name})")
+    return ReleaseModel(unwrapped, None, branch, note)
