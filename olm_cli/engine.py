@@ -198,6 +198,7 @@ class Trainer:
         """Every strategy part of the recipe, through its family's registry."""
         from olm_cli.batching import BATCH_POLICIES
         from olm_cli.distill import DISTILLERS
+        from olm_cli.meta import META_UPDATES
         from olm_cli.partial import PartialUpdates
         from olm_cli.regularize import REGULARIZERS
         from olm_cli.replay import REPLAY_BUFFERS
@@ -214,6 +215,7 @@ class Trainer:
         self.replay = REPLAY_BUFFERS.build(recipe.replay, context)
         self.distiller = DISTILLERS.build(recipe.distill, context)
         self.regularizer = REGULARIZERS.build(recipe.regularize, context)
+        self.meta = META_UPDATES.build(recipe.optim.meta, context)
         self.partial = PartialUpdates(recipe.train, context)
 
     def _setup_speed_options(self) -> None:
@@ -265,6 +267,7 @@ class Trainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.distiller.begin_increment(unwrapped, self._increment_start())
         self.regularizer.begin_increment(unwrapped)
+        self.meta.begin_increment(unwrapped)
         if recipe.replay.seed_from and self.latest is None:
             self._seed_replay()
         if self.latest is None and recipe.eval.sets and recipe.eval.after_increment and self.accelerator.is_main_process:
@@ -531,6 +534,7 @@ class Trainer:
                     continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.meta.after_step(accelerator.unwrap_model(model))  # Reptile's outer step every k steps
                 self.bad_steps = 0
                 state.step += 1
                 state.global_step += 1
@@ -750,6 +754,7 @@ class Trainer:
         self.stream.at_end()  # close a shard whose last block was the last one trained
         self._mark_finished_shards()
         unwrapped = self.accelerator.unwrap_model(self.model)
+        self.meta.end_increment(unwrapped)  # the last, shorter Reptile window
         self.regularizer.end_increment(unwrapped, self._consolidation_data)
         path, full_state_dict = self._checkpoint_with_weights(complete=True)
         state = self.state
@@ -903,6 +908,7 @@ class Trainer:
             "batch": self.policy.state_dict(),
             "distiller": self.distiller.state_dict(),
             "regularizer": self.regularizer.state_dict(),
+            "meta": self.meta.state_dict(),
             "partial": self.partial.state_dict(),
             "stream": self.stream_position,
         }
@@ -993,6 +999,7 @@ class Trainer:
             self.policy.load_state_dict(parts.get("batch", {}))
             self.distiller.load_state_dict(parts.get("distiller", {}))
             self.regularizer.load_state_dict(parts.get("regularizer", {}))
+            self.meta.load_state_dict(parts.get("meta", {}))
             self.partial.load_state_dict(parts.get("partial", {}))
             self.restored_stream = parts.get("stream")  # absent in checkpoints of olm 0.2: trainer_state.json's
         with loading_checkpoint(checkpoint, "the replay buffer", keep=(OlmError,)):

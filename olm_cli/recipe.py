@@ -29,6 +29,7 @@ from olm_cli.batching.config import BatchConfig
 from olm_cli.config_base import IGNORE_INAPPLICABLE_KEYS, Section
 from olm_cli.distill.config import DistillConfig
 from olm_cli.errors import RecipeError
+from olm_cli.meta.config import MetaConfig
 from olm_cli.partial.config import TrainConfig
 from olm_cli.regularize.config import RegularizeConfig
 from olm_cli.replay.config import ReplayConfig
@@ -175,6 +176,7 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
     reset_optimizer: bool = Field(False, description="Start every increment with fresh AdamW moments.")
+    meta: MetaConfig = Field(default_factory=MetaConfig, description="Meta-learned outer update around the optimiser steps (Reptile).")
 
 
 TrackerName = Literal["tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
