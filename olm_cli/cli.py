@@ -291,6 +291,38 @@ def init(
         console.print(init_recipe.run_command(out), highlight=False, markup=False)
 
 
+@app.command()
+def tune(
+    config: ConfigOption,
+    overrides: OverridesArg = None,
+    space: Annotated[list[str] | None, typer.Option("--space", help="KEY=LOW:HIGH, KEY=LOW:HIGH:log or KEY=A,B,C (repeatable): a recipe key and its search range.")] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Finished trials the study should hold; a rerun continues the study up to this many.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps of each trial's proxy increment (on the data the run has not trained yet).")] = 50,
+    forgetting_weight: Annotated[float, typer.Option("--objective-forgetting-weight", help="W in: objective = mean held-out loss + W x forgetting.")] = 1.0,
+    tune_dir: Annotated[Path | None, typer.Option("--dir", help="Tuning directory (study.db, scratch trials, best-recipe.yaml). Default: RUN.tune next to the run directory.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the best recipe to this new file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --out replace an existing file.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Search recipe settings with Optuna: each trial is a short proxy increment in a scratch copy of the run.
+
+    Example: olm tune --config configs/quickstart.yaml --trials 20 --steps 50
+    --space optim.lr=1e-5:1e-3:log --space replay.ratio=0:0.5
+    """
+    from olm_cli.tune import parse_space, render_report, run_tuning
+
+    dimensions = [parse_space(text) for text in space or []]
+    say = err_console.print if json_out else console.print
+    report = run_tuning(config, overrides or [], dimensions, trials=trials, steps=steps,
+                        forgetting_weight=forgetting_weight, tune_dir=tune_dir, out=out, force=force, say=say)
+    if json_out:
+        _print_json(report.to_json())
+    else:
+        render_report(report, dimensions, console)
+    if report.best is None:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     # Library download/loading bars would interleave with olm's own progress and logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
