@@ -3,7 +3,8 @@
 
 A teacher (the ``tiny`` preset, ~1.9M parameters with a 2k vocabulary) is trained from scratch
 on the offline demo stream (``scripts/build_demo_data.py``: code, prose, drama in one increment).
-Then a student a quarter of its width and half its depth (``init: scratch``, the teacher's
+The shards are read through a shuffle buffer larger than the data, so every batch mixes the
+domains. Then a student a quarter of its width and half its depth (``init: scratch``, the teacher's
 tokenizer through ``model.tokenizer``) is trained on the same shards for the same number of steps,
 with the same seed, twice:
 
@@ -48,6 +49,9 @@ FULL: dict[str, Any] = {
     "teacher_steps": 600,  # one pass over the data, about 400 steps, when the data is shorter
     "student_steps": 200,
     "eval_max_tokens": 20_000,
+    # Larger than the data in blocks: every batch mixes the three domains, so neither model's
+    # result depends on which domain its last steps happened to read.
+    "shuffle_buffer": 20_000,
 }
 SMOKE: dict[str, Any] = {
     **FULL,
@@ -83,7 +87,7 @@ def recipe(work: Path, name: str, data: dict[str, Any], settings: dict[str, Any]
         "model": {"init": "scratch", "tokenizer": tokenizer,
                   "arch": {**arch, "vocab_size": settings["vocab_size"], "max_position_embeddings": 512}},
         "data": {"shards": [str(root / "train" / "*" / "*.jsonl")], "block_size": settings["block_size"],
-                 "shuffle_buffer": 256},
+                 "shuffle_buffer": settings["shuffle_buffer"]},
         "batch": {"size": settings["batch"], "micro_batch": settings["batch"]},
         "distill": distill or {"method": "none"},
         "optim": {"lr": lr, "warmup_steps": 10},
