@@ -80,7 +80,9 @@ class SearchDimension:
 
     def bounds(self) -> list[Any]:
         """The values to validate up front: a key or value the recipe refuses is an error before any trial."""
-        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+        if self.kind == "choice":
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
 
 
 def parse_space(text: str) -> SearchDimension:

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FULL: dict[str, Any] = {"shard_kb": 200, "eval_kb": 20, "vocab_size": 2048, "block_size": 128, "batch": 8,
+FULL: dict[str, Any] = {"shard_kb": 120, "eval_kb": 20, "vocab_size": 2048, "block_size": 128, "batch": 8,
                         "eval_max_tokens": 20_000, "arch": {"size": "tiny"}}
 SMOKE: dict[str, Any] = {"shard_kb": 20, "eval_kb": 4, "vocab_size": 512, "block_size": 64, "batch": 8,
                          "eval_max_tokens": 2_000,
