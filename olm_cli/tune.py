@@ -242,7 +242,7 @@ def run_trial(config: Path, overrides: list[str], params: list[str], *, scratch:
     from olm_cli.increment import run_increment
 
     _scratch_copy(run_dir, scratch)
-    recipe = load_recipe(config, [*overrides, *params, f"run.dir={scratch}", f"run.max_steps={steps}",
+    recipe = load_recipe(config, [*overrides, *params, f"run.dir={json.dumps(str(scratch))}", f"run.max_steps={steps}",
                                   "run.max_tokens=null", "run.time_budget=null", "run.progress=false",
                                   "eval.after_increment=true", "release.enabled=false"])
     outcome = run_increment(recipe)
