@@ -291,6 +291,40 @@ def init(
         console.print(init_recipe.run_command(out), highlight=False, markup=False)
 
 
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option("--out", help="File (GGUF) or directory (safetensors) to write; never replaced without --force.")],
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory: exports releases/latest (else its newest checkpoint).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="An HF model directory to export.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp; Llama architecture) or safetensors (an HF directory).")] = "gguf",
+    quantize: Annotated[str, typer.Option("--quantize", help="GGUF matrix type: f32, f16 or q8_0 (norms stay f32).")] = "f16",
+    dtype: Annotated[str, typer.Option("--dtype", help="safetensors weight dtype: auto (as stored), float32, bfloat16, float16.")] = "auto",
+    prune: Annotated[float, typer.Option("--prune", help="Zero this fraction of the smallest-magnitude weights of every linear layer (e.g. 0.3).")] = 0.0,
+    prune_scope: Annotated[str, typer.Option("--prune-scope", help="unstructured (per matrix) or row (per output row).")] = "unstructured",
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Held-out text (.txt, .jsonl, .parquet) for the loss --prune and --check report. Default: the run's eval.sets.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Held-out tokens per domain at most.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Load the written model back with transformers and compare its logits (and loss) with the source.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Export a model for deployment: GGUF for llama.cpp, or a smaller safetensors directory.
+
+    Examples: olm export --run runs/quickstart --format gguf --quantize q8_0 --out model-q8_0.gguf --check;
+    olm export --run runs/quickstart --format safetensors --dtype bfloat16 --out release-bf16;
+    olm export --run runs/quickstart --prune 0.3 --prune-scope row --out pruned.gguf
+    """
+    from olm_cli.export import export_model, render_export
+
+    progress = err_console if json_out else console
+    result = export_model(run=run, checkpoint=checkpoint, out=out, fmt=fmt, quantize=quantize, dtype=dtype,
+                          prune=prune, prune_scope=prune_scope, eval_text=eval_text, max_tokens=max_tokens,
+                          check=check, force=force, say=lambda line: progress.print(line, highlight=False))
+    if json_out:
+        _print_json(result)
+    else:
+        render_export(result, console)
+
+
 def main() -> None:
     # Library download/loading bars would interleave with olm's own progress and logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

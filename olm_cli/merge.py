@@ -87,14 +87,14 @@ def weight_files(checkpoint: Path) -> list[Path]:
     raise CheckpointError(f"checkpoint {checkpoint} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-class _Reader:
-    """Lazy, mmap-backed access to every tensor of one checkpoint by name."""
+class CheckpointReader:
+    """Lazy, mmap-backed access to every tensor of one checkpoint by name (re-hashed first if it is olm's)."""
 
-    def __init__(self, checkpoint: Path, stack: ExitStack) -> None:
+    def __init__(self, checkpoint: Path, stack: ExitStack, *, verify: bool = True) -> None:
         self.checkpoint = checkpoint
         self.where: dict[str, Any] = {}
         self.metadata: dict[str, str] = {}
-        if (checkpoint / MANIFEST_FILENAME).is_file():
+        if verify and (checkpoint / MANIFEST_FILENAME).is_file():
             verify_checkpoint(checkpoint, deep=True)
         for path in weight_files(checkpoint):
             with loading_checkpoint(checkpoint, path.name):
@@ -131,7 +131,7 @@ def merge_checkpoints(
 
     merged: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        readers = [_Reader(p, stack) for p in paths]
+        readers = [CheckpointReader(p, stack) for p in paths]
         first = readers[0]
         names = sorted(first.where)
         for reader in readers[1:]:
