@@ -214,24 +214,39 @@ def report(
 
 @app.command()
 def merge(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (HF format) to average.")],
+    checkpoints: Annotated[list[Path], typer.Argument(help="Run directories (each stands for its releases/latest) or checkpoint directories (HF format).")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
-    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per checkpoint (e.g. sample counts: 3,1); normalised. Default: equal.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="'tokens' (each run weighted by the tokens its ledger trained: FedAvg), or a number per input (e.g. sample counts: 3,1); normalised. Default: equal.")] = None,
+    json_out: JsonOption = False,
 ) -> None:
-    """Weighted parameter averaging of checkpoints into one loadable checkpoint.
+    """Weighted parameter averaging of models into one loadable checkpoint (model soups, federated averaging).
 
-    Example: olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3,1 --out merged
+    Examples: olm merge site-a/run site-b/run --weights tokens --out merged;
+    olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3,1 --out merged
     """
-    from olm_cli.merge import merge_checkpoints
+    from olm_cli.merge import merge_runs
 
+    by_tokens = (weights or "").strip().lower() == "tokens"
     parsed = None
-    if weights:
+    if weights and not by_tokens:
         try:
             parsed = [float(w) for w in weights.replace(",", " ").split()]
         except ValueError:
-            raise RecipeError(f"--weights {weights!r}: expected numbers such as 3,1") from None
-    path = merge_checkpoints(checkpoints, parsed, out)
-    console.print(f"merged {len(checkpoints)} checkpoints → {path}")
+            raise RecipeError(f"--weights {weights!r}: expected 'tokens' or numbers such as 3,1") from None
+    report = merge_runs(checkpoints, parsed, out, by_tokens=by_tokens)
+    if json_out:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title="merge weights")
+    for column, justify in (("input", "left"), ("model", "left"), ("tokens", "right"), ("weight", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row, weight in zip(report["inputs"], report["weights"], strict=True):
+        tokens = f"{row['tokens']:,}" if row["tokens"] is not None else ""
+        table.add_row(row["given"], row["checkpoint"], tokens, f"{weight:.4f}")
+    console.print(table)
+    console.print(f"merged {len(checkpoints)} models → {report['out']}")
 
 
 @app.command()
