@@ -162,6 +162,15 @@ def test_safetensors_in_bfloat16_is_half_size_and_loads(tmp_path: Path, fixture_
         AutoTokenizer.from_pretrained(fixture_hf)("hello there").input_ids
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+    again = cli("export", "--checkpoint", fixture_hf, "--format", "safetensors", "--out", out)
+    assert again.code == 2 and again.has("already exists; pass --force")
+    assert cli("export", "--checkpoint", fixture_hf, "--format", "safetensors", "--out", out, "--force").code == 0
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}  # auto: as stored
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("keep")
+    refused = cli("export", "--checkpoint", fixture_hf, "--format", "safetensors", "--out", user_dir, "--force")
+    assert refused.code == 2 and refused.has("did not write") and (user_dir / "notes.txt").read_text() == "keep"
 
 
 def test_magnitude_prune_zeroes_exactly_the_smallest() -> None:
@@ -233,6 +242,8 @@ def test_refusals_are_one_line_with_exit_2(tmp_path: Path, fixture_hf: Path, mon
     assert cli("export", "--checkpoint", fixture_hf, "--out", existing, "--force").code == 0
     assert existing.stat().st_size > 100_000
 
+    result = cli("export", "--checkpoint", fixture_hf, "--out", tmp_path / "gpt2")
+    assert result.code == 2 and result.has("is a directory; a GGUF export is one file")
     result = cli("export", "--checkpoint", fixture_hf, "--prune", "0.3", "--out", tmp_path / "p.gguf")
     assert result.code == 2 and result.has("pass --eval-text FILE")
     result = cli("export", "--checkpoint", fixture_hf, "--run", tmp_path, "--out", tmp_path / "p.gguf")

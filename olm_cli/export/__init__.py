@@ -88,8 +88,11 @@ def resolve_source(run: Path | None, checkpoint: Path | None) -> tuple[Path, Any
     return chosen, recipe
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    if os.path.lexists(out) and not force:
+def _refuse_existing(out: Path, fmt: str, force: bool) -> None:
+    if fmt == "gguf" and out.is_dir():
+        raise RecipeError(f"--out {out} is a directory; a GGUF export is one file (e.g. --out {out}/model.gguf)")
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    if os.path.lexists(out) and not force and not empty_dir:
         raise RecipeError(f"--out {out} already exists; pass --force to replace it")
     if out.is_dir() and not out.is_symlink() and force and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
         # --force replaces an earlier export, never an unrelated directory full of files
@@ -141,13 +144,16 @@ def export_model(
         raise RecipeError(f"--eval-text {eval_text}: no such file")
     if fmt == "gguf":
         import_gguf()  # a missing extra is a usage error before any work
-    _refuse_existing(out, force)
+    _refuse_existing(out, fmt, force)
     if not out.parent.is_dir():
         raise RecipeError(f"--out {out}: directory {out.parent} does not exist")
 
     source, recipe = resolve_source(run, checkpoint)
     say(f"exporting {source}")
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-tensor loading bars would bury olm's own lines
 
     from olm_cli.modeling import load_tokenizer
 
@@ -183,19 +189,24 @@ def export_model(
 
     with ExitStack() as stack:
         reader = CheckpointReader(source, stack, verify=False)  # resolve_source has just re-hashed it
-        if fmt == "gguf":
-            assert shape is not None and vocab is not None
-            say(f"writing {out} (GGUF, {quantize})")
-            with staged_file(out, overwrite=force) as staged:
-                report = write_llama_gguf(staged, shape, vocab, _tensor_stream(reader, transform),
-                                          quantize=quantize, name=_model_name(source))
-            result.update({"quantize": quantize, "tensors": report.tensors, "tensor_types": report.types,
-                           "f16_fallback": report.f16_fallback, "vocab": len(vocab.tokens),
-                           "tokenizer_pre": vocab.pre})
-        else:
-            say(f"writing {out} (safetensors, {dtype})")
-            written = _write_safetensors(source, out, reader, transform, dtype, result)
-            result.update({"dtype": written})
+        try:
+            if fmt == "gguf":
+                assert shape is not None and vocab is not None
+                say(f"writing {out} (GGUF, {quantize})")
+                with staged_file(out, overwrite=force) as staged:
+                    report = write_llama_gguf(staged, shape, vocab, _tensor_stream(reader, transform),
+                                              quantize=quantize, name=_model_name(source))
+                result.update({"quantize": quantize, "tensors": report.tensors, "tensor_types": report.types,
+                               "f16_fallback": report.f16_fallback, "vocab": len(vocab.tokens),
+                               "tokenizer_pre": vocab.pre})
+            else:
+                say(f"writing {out} (safetensors, {dtype})")
+                written = _write_safetensors(source, out, reader, transform, dtype, result)
+                result.update({"dtype": written})
+        except FileExistsError:
+            raise RecipeError(f"--out {out} appeared while exporting; pass --force to replace it") from None
+        except OSError as exc:  # a full disk, a read-only directory: nothing was left at --out
+            raise CheckpointError(f"could not write {out}: {exc.strerror or exc}") from None
     if pruner is not None:
         result.setdefault("prune", {}).update(pruner.report.to_dict())
     result["bytes"] = _size(out)
