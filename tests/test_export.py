@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import add_shard, tiny_recipe, write_jsonl, write_recipe
+from conftest import add_shard, make_documents, tiny_recipe, write_jsonl, write_recipe
 from e2e_helpers import cli
 from safetensors.torch import load_file
 from transformers import (
@@ -138,6 +138,43 @@ def test_scratch_tokenizer_with_two_special_tokens(tmp_path: Path) -> None:
     assert loaded(text).input_ids == tokenizer(text).input_ids
     assert loaded.eos_token_id == tokenizer.eos_token_id and loaded.pad_token_id == tokenizer.pad_token_id
     assert result.json()["vocab"] == len(tokenizer) + 4  # the embedding's spare rows become unused tokens
+    assert result.json()["tokenizer_pre"] == "gpt-2"  # llama.cpp's name for GPT-2's split regex
+
+
+def test_llama3_style_tokenizer_with_bos(tmp_path: Path) -> None:
+    """Llama 3's split regex is written as llama.cpp's 'llama-bpe', and a BOS its post-processor adds is kept."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from olm_cli.export.llama_gguf import LLAMA3_SPLIT
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(make_documents("gamma", 40, 0), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    save_tokenizer(tokenizer, tmp_path / "base")
+    out = tmp_path / "llama3.gguf"
+    result = cli("export", "--checkpoint", tmp_path / "base", "--quantize", "f32", "--out", out, "--check", "--json")
+    assert result.code == 0, result.text
+    assert result.json()["tokenizer_pre"] == "llama-bpe"
+    assert result.json()["check"]["tokenizer_matches"] and result.json()["check"]["max_abs_logit_diff"] == 0.0
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    text = "The knight's 123456 banners!!  sieges\n\nof honour"
+    ids = loaded(text).input_ids
+    assert ids[0] == 0 and ids == tokenizer(text).input_ids
 
 
 def test_safetensors_in_bfloat16_is_half_size_and_loads(tmp_path: Path, fixture_hf: Path) -> None:

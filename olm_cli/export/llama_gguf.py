@@ -15,7 +15,7 @@ The layout follows llama.cpp's ``convert_hf_to_gguf.py`` for ``LlamaForCausalLM`
 * the tokenizer as GGUF metadata: a byte-level BPE vocabulary (GPT-2 style, ``tokenizer.ggml.model
   = "gpt2"``), its merges, token types (control for special tokens), special token ids and
   whether a BOS token is prepended. GGUF has no room for an arbitrary ``tokenizer.json``, so
-  only pre-tokenizers llama.cpp knows by name are exported (``gpt2``, ``llama-bpe``); any other
+  only pre-tokenizers llama.cpp knows by name are exported (``gpt-2``, ``llama-bpe``); any other
   tokenizer is refused rather than written in a form that would tokenize differently.
 """
 
@@ -141,7 +141,7 @@ def _pre_tokenizer_name(pre: Any, normalizer: Any, source: Path | str) -> str:
                           "supports byte-level BPE tokenizers without one (GPT-2 or Llama 3 style)")
     kind = (pre or {}).get("type")
     if kind == "ByteLevel" and not pre.get("add_prefix_space", False) and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" would be an unknown pre-tokenizer there
     if kind == "Sequence":
         parts = pre.get("pretokenizers") or []
         if (len(parts) == 2 and parts[0].get("type") == "Split"
@@ -150,7 +150,7 @@ def _pre_tokenizer_name(pre: Any, normalizer: Any, source: Path | str) -> str:
                 and not parts[1].get("add_prefix_space", False)):
             return "llama-bpe"
     raise RecipeError(f"{source}: the tokenizer's pre-tokenizer ({kind or 'none'}) has no llama.cpp equivalent "
-                      "olm knows; GGUF export supports GPT-2 ('gpt2') and Llama 3 ('llama-bpe') byte-level BPE")
+                      "olm knows; GGUF export supports GPT-2 ('gpt-2') and Llama 3 ('llama-bpe') byte-level BPE")
 
 
 def gguf_vocab(tokenizer: Any, vocab_size: int, source: Path | str) -> GGUFVocab:
