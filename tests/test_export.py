@@ -285,6 +285,10 @@ def test_refusals_are_one_line_with_exit_2(tmp_path: Path, fixture_hf: Path, mon
     assert result.code == 2 and result.has("pass --eval-text FILE")
     result = cli("export", "--checkpoint", fixture_hf, "--run", tmp_path, "--out", tmp_path / "p.gguf")
     assert result.code == 2 and result.has("exactly one of --run DIR or --checkpoint DIR")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("model: {}\n")
+    result = cli("export", "--checkpoint", tmp_path / "run", "--out", tmp_path / "p.gguf")
+    assert result.code == 2 and result.has("is a run directory; use --run")
     result = cli("export", "--checkpoint", fixture_hf, "--quantize", "q4_k", "--out", tmp_path / "p.gguf")
     assert result.code == 2 and result.has("expected one of f32, f16, q8_0")
 
@@ -300,7 +304,7 @@ def test_refusals_are_one_line_with_exit_2(tmp_path: Path, fixture_hf: Path, mon
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     result = cli("export", "--checkpoint", fixture_hf, "--out", tmp_path / "n.gguf")
     assert result.code == 2 and result.has("pip install 'olm[gguf]'")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "taken.gguf"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "run", "taken.gguf"]  # nothing half-written
 
 
 def test_gguf_file_follows_the_umask(tmp_path: Path, fixture_hf: Path) -> None:

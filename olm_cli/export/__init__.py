@@ -65,6 +65,8 @@ def resolve_source(run: Path | None, checkpoint: Path | None) -> tuple[Path, Any
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
             raise OlmError(f"{checkpoint}: no such checkpoint directory")
+        if (checkpoint / "recipe.yaml").is_file() and not (checkpoint / "config.json").is_file():
+            raise RecipeError(f"--checkpoint {checkpoint} is a run directory; use --run {checkpoint}")
         if (checkpoint / MANIFEST_FILENAME).is_file():
             verify_checkpoint(checkpoint, deep=True)
         return checkpoint, None
