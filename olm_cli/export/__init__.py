@@ -309,13 +309,12 @@ def _weights_size(source: Path) -> int:
     return sum(p.stat().st_size for p in weight_files(source))
 
 
-def _sample_ids(tokenizer: Any, sets: dict[str, str], text_field: str) -> tuple[torch.Tensor, str]:
-    """Token ids of held-out text (the first eval set's first block), or of a fixed sentence."""
+def _sample_ids(tokenizer: Any, sets: dict[str, str], text_field: str, length: int) -> tuple[torch.Tensor, str]:
+    """Token ids of held-out text (the first eval set's first block of ``length``), or of a fixed sentence."""
     from olm_cli.data import read_blocks
 
     for path in sets.values():
-        blocks = read_blocks(Path(path), tokenizer, block_size=_CHECK_TOKENS, max_tokens=_CHECK_TOKENS,
-                             text_field=text_field)
+        blocks = read_blocks(Path(path), tokenizer, block_size=length, max_tokens=length, text_field=text_field)
         if blocks:
             ids = list(blocks[0].tokens)
             return torch.tensor([ids]), tokenizer.decode(ids)
@@ -338,8 +337,9 @@ def _check(out: Path, fmt: str, reference: torch.nn.Module, tokenizer: Any, sets
             loaded_tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=out.name)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"--check: transformers cannot load {out} ({str(exc).splitlines()[0]})") from None
-    ids, text = _sample_ids(tokenizer, sets, text_field)
-    ids = ids[:, : int(getattr(model.config, "max_position_embeddings", ids.shape[1]))]
+    context = int(getattr(model.config, "max_position_embeddings", None) or _CHECK_TOKENS)
+    ids, text = _sample_ids(tokenizer, sets, text_field, min(_CHECK_TOKENS, context))
+    ids = ids[:, :context]
     expected = reference(input_ids=ids).logits.float()
     got = model(input_ids=ids).logits.float()
     check: dict[str, Any] = {
