@@ -214,24 +214,39 @@ def report(
 
 @app.command()
 def merge(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (HF format) to average.")],
+    checkpoints: Annotated[list[Path], typer.Argument(help="Run directories (each stands for its releases/latest) or checkpoint directories (HF format).")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the merged checkpoint.")],
-    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weight per checkpoint (e.g. sample counts: 3,1); normalised. Default: equal.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="'tokens' (each run weighted by the tokens its ledger trained: FedAvg), or a number per input (e.g. sample counts: 3,1); normalised. Default: equal.")] = None,
+    json_out: JsonOption = False,
 ) -> None:
-    """Weighted parameter averaging of checkpoints into one loadable checkpoint.
+    """Weighted parameter averaging of models into one loadable checkpoint (model soups, federated averaging).
 
-    Example: olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3,1 --out merged
+    Examples: olm merge site-a/run site-b/run --weights tokens --out merged;
+    olm merge runs/a/checkpoints/latest runs/b/checkpoints/latest --weights 3,1 --out merged
     """
-    from olm_cli.merge import merge_checkpoints
+    from olm_cli.merge import merge_runs
 
+    by_tokens = (weights or "").strip().lower() == "tokens"
     parsed = None
-    if weights:
+    if weights and not by_tokens:
         try:
             parsed = [float(w) for w in weights.replace(",", " ").split()]
         except ValueError:
-            raise RecipeError(f"--weights {weights!r}: expected numbers such as 3,1") from None
-    path = merge_checkpoints(checkpoints, parsed, out)
-    console.print(f"merged {len(checkpoints)} checkpoints → {path}")
+            raise RecipeError(f"--weights {weights!r}: expected 'tokens' or numbers such as 3,1") from None
+    report = merge_runs(checkpoints, parsed, out, by_tokens=by_tokens)
+    if json_out:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title="merge weights")
+    for column, justify in (("input", "left"), ("model", "left"), ("tokens", "right"), ("weight", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row, weight in zip(report["inputs"], report["weights"], strict=True):
+        tokens = f"{row['tokens']:,}" if row["tokens"] is not None else ""
+        table.add_row(row["given"], row["checkpoint"], tokens, f"{weight:.4f}")
+    console.print(table)
+    console.print(f"merged {len(checkpoints)} models → {report['out']}")
 
 
 @app.command()
@@ -321,6 +336,40 @@ def tune(
         render_report(report, dimensions, console)
     if report.best is None:
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option("--out", help="File (GGUF) or directory (safetensors) to write; never replaced without --force.")],
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory: exports releases/latest (else its newest checkpoint).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="An HF model directory to export.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp; Llama architecture) or safetensors (an HF directory).")] = "gguf",
+    quantize: Annotated[str, typer.Option("--quantize", help="GGUF matrix type: f32, f16 or q8_0 (norms stay f32).")] = "f16",
+    dtype: Annotated[str, typer.Option("--dtype", help="safetensors weight dtype: auto (as stored), float32, bfloat16, float16.")] = "auto",
+    prune: Annotated[float, typer.Option("--prune", help="Zero this fraction of the smallest-magnitude weights of every linear layer (e.g. 0.3).")] = 0.0,
+    prune_scope: Annotated[str, typer.Option("--prune-scope", help="unstructured (per matrix) or row (per output row).")] = "unstructured",
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Held-out text (.txt, .jsonl, .parquet) for the loss --prune and --check report. Default: the run's eval.sets.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Held-out tokens per domain at most.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Load the written model back with transformers and compare its logits (and loss) with the source.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Export a model for deployment: GGUF for llama.cpp, or a smaller safetensors directory.
+
+    Examples: olm export --run runs/quickstart --format gguf --quantize q8_0 --out model-q8_0.gguf --check;
+    olm export --run runs/quickstart --format safetensors --dtype bfloat16 --out release-bf16;
+    olm export --run runs/quickstart --prune 0.3 --prune-scope row --out pruned.gguf
+    """
+    from olm_cli.export import export_model, render_export
+
+    progress = err_console if json_out else console
+    result = export_model(run=run, checkpoint=checkpoint, out=out, fmt=fmt, quantize=quantize, dtype=dtype,
+                          prune=prune, prune_scope=prune_scope, eval_text=eval_text, max_tokens=max_tokens,
+                          check=check, force=force, say=lambda line: progress.print(line, highlight=False))
+    if json_out:
+        _print_json(result)
+    else:
+        render_export(result, console)
 
 
 def main() -> None:

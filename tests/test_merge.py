@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import add_shard, make_documents, tiny_llama, tiny_recipe, write_jsonl, write_recipe
+from e2e_helpers import cli
 from safetensors.torch import load_file
 
 from olm_cli.errors import CheckpointError
-from olm_cli.merge import merge_checkpoints, normalise_weights
+from olm_cli.merge import merge_checkpoints, normalise_weights, vocabulary_hash
 
 
 def checkpoint(path: Path, seed: int, hidden: int = 32) -> Path:
@@ -125,3 +127,93 @@ def test_merge_output_follows_the_umask_and_leaves_no_staging(tmp_path: Path) ->
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def _with_tokenizer(path: Path, texts: list[str], vocab: int = 300) -> Path:
+    from olm_cli.modeling import save_tokenizer, train_tokenizer
+
+    shard = write_jsonl(path.parent / f"{path.name}-tok.jsonl", texts)
+    save_tokenizer(train_tokenizer([shard], "text", vocab_size=vocab, limit_chars=50_000), path)
+    return path
+
+
+def test_architectures_must_agree_beyond_shapes(tmp_path: Path) -> None:
+    """Same tensor shapes, different computation (rotary base): averaging would be meaningless."""
+    a = checkpoint(tmp_path / "a", 0)
+    b = tmp_path / "b"
+    tiny_llama(1, rope_theta=500_000.0).save_pretrained(b)
+    result = cli("merge", a, b, "--out", tmp_path / "out")
+    assert result.code == 2 and result.has("have different architectures: config rope") , result.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizers_must_agree(tmp_path: Path) -> None:
+    a = _with_tokenizer(checkpoint(tmp_path / "a", 0), make_documents("alpha", 30, 0))
+    b = _with_tokenizer(checkpoint(tmp_path / "b", 1), make_documents("beta", 30, 0))
+    c = _with_tokenizer(checkpoint(tmp_path / "c", 2), make_documents("alpha", 30, 0))
+    assert vocabulary_hash(a) == vocabulary_hash(c) != vocabulary_hash(b)
+    result = cli("merge", a, b, "--out", tmp_path / "out")
+    assert result.code == 2 and result.has("have different tokenizers (vocabulary hash"), result.text
+    assert cli("merge", a, c, "--out", tmp_path / "ok").code == 0
+    assert vocabulary_hash(tmp_path / "ok") == vocabulary_hash(a)
+
+
+def test_weights_tokens_needs_runs(tmp_path: Path) -> None:
+    a = checkpoint(tmp_path / "a", 0)
+    result = cli("merge", a, a, "--weights", "tokens", "--out", tmp_path / "out")
+    assert result.code == 2 and result.has("--weights tokens needs run directories")
+    result = cli("merge", a, a, "--weights", "many", "--out", tmp_path / "out")
+    assert result.code == 2 and result.has("expected 'tokens' or numbers")
+
+
+@pytest.mark.slow
+def test_federated_average_by_tokens(tmp_path: Path) -> None:
+    """Two sites train one base on different amounts of their own data; FedAvg weights them n_k / n."""
+    base = _with_tokenizer(tmp_path / "base", make_documents("alpha", 20, 9) + make_documents("beta", 20, 9))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tiny_llama(0, vocab=len(tokenizer), eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    runs = {}
+    for site, shards in (("a", 2), ("b", 1)):
+        for index in range(shards):
+            add_shard(tmp_path / f"data-{site}", "alpha" if site == "a" else "beta", index, docs=8)
+        recipe = tiny_recipe(tmp_path)
+        recipe["model"] = {"name_or_path": str(base)}
+        recipe["data"]["shards"] = [str(tmp_path / f"data-{site}" / "*" / "*.jsonl")]
+        recipe["run"]["dir"] = str(tmp_path / f"run-{site}")
+        assert cli("train", "--config", write_recipe(tmp_path, recipe, f"{site}.yaml")).code == 0
+        runs[site] = tmp_path / f"run-{site}"
+    ledger_tokens = {site: json_tokens(run) for site, run in runs.items()}
+    assert ledger_tokens["a"] > ledger_tokens["b"] > 0
+
+    result = cli("merge", runs["a"], runs["b"], "--weights", "tokens", "--out", tmp_path / "merged", "--json")
+    assert result.code == 0, result.text
+    report = result.json()
+    total = ledger_tokens["a"] + ledger_tokens["b"]
+    assert [row["tokens"] for row in report["inputs"]] == [ledger_tokens["a"], ledger_tokens["b"]]
+    assert report["weights"] == pytest.approx([ledger_tokens["a"] / total, ledger_tokens["b"] / total])
+    releases = [(run / "releases" / "latest").resolve() for run in runs.values()]
+    ta, tb = (load_file(r / "model.safetensors") for r in releases)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    wa, wb = report["weights"]
+    for name in ta:
+        torch.testing.assert_close(merged[name], (wa * ta[name].float() + wb * tb[name].float()).to(ta[name].dtype))
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["inputs"][0]["tokens"] == ledger_tokens["a"]
+    human = cli("merge", runs["a"], runs["b"], "--weights", "tokens", "--out", tmp_path / "merged2")
+    assert human.code == 0 and human.has(f"{ledger_tokens['a']:,}") and human.has(f"{wa:.4f}")
+
+    # The release's checkpoint pruned: ledger.json still describes that increment, so it is used ...
+    info = json.loads((releases[1] / "release.json").read_text())
+    shutil.rmtree(runs["b"] / info["checkpoint"])
+    assert cli("merge", runs["a"], runs["b"], "--weights", "tokens", "--out", tmp_path / "m3").code == 0
+    # ... until a later increment has moved the ledger on: then the count is refused, not guessed
+    ledger = json.loads((runs["b"] / "ledger.json").read_text())
+    ledger["increment"] += 1
+    (runs["b"] / "ledger.json").write_text(json.dumps(ledger))
+    result = cli("merge", runs["a"], runs["b"], "--weights", "tokens", "--out", tmp_path / "m4")
+    assert result.code == 1 and result.has("cannot tell how many tokens release-0001 was trained on")
+
+
+def json_tokens(run: Path) -> int:
+    return sum(int(s["tokens"]) for s in json.loads((run / "ledger.json").read_text())["shards"])

@@ -13,6 +13,7 @@ from olm_cli.rundir.atomic import (
     append_line_durable,
     publishing_directory,
     replace_symlink,
+    staged_file,
     staging_name,
 )
 
@@ -74,3 +75,24 @@ def test_replace_symlink_swaps_and_removes(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # no temporary link left
     replace_symlink(link, None)
     assert not os.path.lexists(link)
+
+
+def test_staged_file_appears_whole_and_never_replaces_without_overwrite(tmp_path: Path) -> None:
+    """For libraries that open the output themselves (the GGUF writer): they get a path of ours."""
+    out = tmp_path / "model.gguf"
+    with staged_file(out, overwrite=False) as staged:
+        assert staged.parent == tmp_path and staged.is_file() and not out.exists()
+        staged.write_bytes(b"first")
+    assert out.read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        with staged_file(out, overwrite=False) as staged:
+            pass
+    with pytest.raises(RuntimeError):
+        with staged_file(out) as staged:
+            staged.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert out.read_bytes() == b"first"
+    with staged_file(out) as staged:
+        staged.write_bytes(b"second")
+    assert out.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -137,6 +137,36 @@ def atomic_writer(path: Path, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def staged_file(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """:func:`atomic_writer` for libraries that open the file themselves (the GGUF writer).
+
+    Yields a temporary path next to ``path``, already created (empty, with the umask's mode,
+    ``O_EXCL | O_NOFOLLOW``) so the library writes into a file of ours. When the block ends
+    without error the file is fsynced and renamed to ``path`` (``overwrite=False``: only if
+    nothing is there, else ``FileExistsError``); on an error it is removed.
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "file exists", str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.close(os.open(tmp, _CREATE_FLAGS, 0o666))
+    try:
+        yield tmp
+        fsync_file(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_without_replacing(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
 def _publish_without_replacing(tmp: Path, path: Path) -> None:
     """Move ``tmp`` to ``path`` unless something is there; ``link`` makes the check race-free.
 
