@@ -33,7 +33,7 @@ class TrainingSnapshot:
     model: Any  # a transformers model: save_pretrained reads its config and tied-weight names, never its tensors
     weights: dict[str, torch.Tensor]
     tokenizer: Any  # not used by training meanwhile (a private copy when written in the background)
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None: written sharded by every rank (optimizer-sharded/)
     rng: dict[str, Any]
     parts: dict[str, Any]
     trainer_state: str  # trainer_state.json, serialised when captured
@@ -44,7 +44,8 @@ class TrainingSnapshot:
         # A shallow copy: save_pretrained pops the tensors it has written from the dict it is given.
         self.model.save_pretrained(directory, state_dict=dict(self.weights), safe_serialization=True)
         save_tokenizer(self.tokenizer, directory)  # after the model: it reads config.json for the length
-        save_optimizer_state(directory, self.optimizer)
+        if self.optimizer is not None:
+            save_optimizer_state(directory, self.optimizer)
         save_tree(directory / "rng", self.rng)
         save_tree(directory / "parts", self.parts)
         (directory / TRAINER_STATE).write_text(self.trainer_state, encoding="utf-8")

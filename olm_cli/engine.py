@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from olm_cli.data import BlockStream, discover_shards, is_dataset_source, rebase
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
+from olm_cli.distributed.sharding import gradient_sync, is_sharded, nonfinite_parameters, replicated
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.pipeline import ShuffleStream, build_training_stream, json_position
@@ -152,7 +154,7 @@ class Trainer:
         model = self._setup_model()  # model before optimiser; tokenizer before data
         self._setup_parts()  # strategies, built from (config, context); the partial-update plan wraps the model
         model = self.partial.prepare(model, self.state.increment)
-        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        self.model, self.optimizer = self._prepare(model)
         self._setup_speed_options()  # after prepare: compile the module that will really run
         self.stream = self._make_training_stream()
         self.stream.warn = lambda message: self._say(f"[yellow]warning:[/] {message}")
@@ -170,11 +172,39 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
 
+        from olm_cli.distributed import resolve_mode
+
+        # DDP or FSDP2 (docs/distributed.md); a launch asking for what olm cannot do stops here, in one line.
+        self.distributed = resolve_mode(self.recipe.run.distributed)
+        if self.distributed.sharded:
+            os.environ["ACCELERATE_USE_FSDP"] = "false"  # olm shards the model itself (_prepare), not Accelerate
         self.accelerator = Accelerator(
             mixed_precision=self.recipe.run.mixed_precision,
             cpu=not torch.cuda.is_available(),
             project_dir=str(self.run_dir),
         )
+
+    def _prepare(self, model: torch.nn.Module) -> tuple[Any, Any]:
+        """The model and AdamW as training uses them: DDP through Accelerate, or sharded with FSDP2 first."""
+        if not self.distributed.sharded:
+            return self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        from olm_cli.distributed.sharding import shard_model
+
+        model = shard_model(model, device=self.accelerator.device, mixed_precision=self.recipe.run.mixed_precision,
+                            reshard_after_forward=self.distributed.reshard_after_forward)
+        return model, self.accelerator.prepare(build_optimizer(model, self.recipe))
+
+    def _unsharded(self, *, on_every_rank: bool = False) -> torch.nn.Module | None:
+        """The model for what runs outside the loop's lockstep (evaluation, LwF's start model).
+
+        Unsharded: the model itself. Under FSDP a collective that gathers a plain copy, on rank 0
+        only unless ``on_every_rank`` (one full model's memory wherever it is built).
+        """
+        if not self.distributed.sharded:
+            return self.accelerator.unwrap_model(self.model)
+        from olm_cli.distributed.sharding import unsharded_copy
+
+        return unsharded_copy(self.model, device=self.accelerator.device, on_every_rank=on_every_rank)
 
     def _setup_model(self) -> torch.nn.Module:
         """The model and tokenizer: the latest checkpoint's, or the recipe's source for a new run."""
@@ -265,17 +295,18 @@ class Trainer:
             if not is_dataset_source(path) and self.ledger.get(path).status in still_to_train:
                 self.ledger.mark_in_progress(str(path), state.increment)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self.distiller.begin_increment(unwrapped, self._increment_start())
+        self.distiller.begin_increment(self._distiller_model(), self._increment_start())
         self.regularizer.begin_increment(unwrapped)
         self.meta.begin_increment(unwrapped)
         if recipe.replay.seed_from and self.latest is None:
             self._seed_replay()
-        if self.latest is None and recipe.eval.sets and recipe.eval.after_increment and self.accelerator.is_main_process:
+        evaluated = self._unsharded() if self.latest is None and recipe.eval.sets and recipe.eval.after_increment else None
+        if evaluated is not None and self.accelerator.is_main_process:
             # Row 0 of the continual-learning matrix: the model before any increment.
             from olm_cli.evaluation.domains import record_increment_eval
 
             self._say(f"evaluating the starting model on {len(recipe.eval.sets)} domain(s) (row 0 of the matrix)")
-            record_increment_eval(self.run_dir, recipe, unwrapped, self.tokenizer, increment=0, trained={},
+            record_increment_eval(self.run_dir, recipe, evaluated, self.tokenizer, increment=0, trained={},
                                   step=state.global_step, console=self.console, trackers=self.trackers)
 
     def _resume_increment(self) -> None:
@@ -287,7 +318,16 @@ class Trainer:
             restore_rng(load_tree(self.latest / "rng"))
         self._say(f"resuming increment {self.state.increment} at step {self.state.step} from {self.latest.name}")
         # LwF distils from the model the increment began from (it keeps that model itself).
-        self.distiller.begin_increment(self.accelerator.unwrap_model(self.model), self._increment_start())
+        self.distiller.begin_increment(self._distiller_model(), self._increment_start())
+
+    def _distiller_model(self) -> torch.nn.Module:
+        """What a distiller starts from: under FSDP an unsharded copy on every rank, and only when
+        a distiller is configured (LwF copies it as its teacher: one full model per rank)."""
+        if self.distributed.sharded and self.recipe.distill.method == "none":
+            return self.model
+        model = self._unsharded(on_every_rank=True)
+        assert model is not None
+        return model
 
     def _increment_start(self) -> IncrementStart:
         return IncrementStart(increment=self.state.increment, resuming=self.resuming,
@@ -574,7 +614,9 @@ class Trainer:
                     host["weights"] = torch.as_tensor(weights[chunk], dtype=torch.float32)
                     batch = to_device(host, device)
                     sample_weights = batch.pop("weights")
-                    sync = accelerator.no_sync(self.model) if c < len(chunks) - 1 else contextlib.nullcontext()
+                    last = c == len(chunks) - 1
+                    sync = (gradient_sync(self.model, last) if self.distributed.sharded
+                            else contextlib.nullcontext() if last else accelerator.no_sync(self.model))
                     with sync, accelerator.autocast():
                         row_loss, logits = self._row_losses(batch)
                         chunk_stored = None
@@ -736,7 +778,7 @@ class Trainer:
         if not params:
             return 0.0
         norm: torch.Tensor | float = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return norm
+        return replicated(norm)  # sharded parameters give a DTensor norm
 
     def _set_lr(self) -> None:
         o = self.recipe.optim
@@ -780,8 +822,14 @@ class Trainer:
                 return None
             released, message = True, ""
             if self.accelerator.is_main_process:
+                model = release.model
+                if is_sharded(model):  # evaluated on rank 0 alone: a plain model of the gathered weights
+                    from olm_cli.distributed.sharding import plain_model
+
+                    assert release.state_dict is not None
+                    model = plain_model(model, dict(release.state_dict), device=self.accelerator.device)
                 # The checkpoint is training state; what serving reads is the release, behind the gate.
-                result = evaluate_and_release(self.recipe, release.model, self.tokenizer, increment=state.increment,
+                result = evaluate_and_release(self.recipe, model, self.tokenizer, increment=state.increment,
                                               step=state.global_step, checkpoint=trunk,
                                               trained=dict(state.domain_tokens), tokens_trained=state.total_tokens,
                                               state_dict=release.state_dict, console=self.console,
@@ -878,8 +926,7 @@ class Trainer:
         step = self.state.global_step
         path = self.checkpoints.root / checkpoint_name(step)
         # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
-        sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-        full_state_dict = accelerator.get_state_dict(self.model) if sharded else None
+        full_state_dict = self._gathered_weights()
         if accelerator.is_main_process:
             self.state.increment_complete = complete
             self.stream_position = self.stream.state_dict()  # in parts: it may hold the shuffle buffer's arrays
@@ -890,12 +937,28 @@ class Trainer:
             snapshot = self._snapshot(full_state_dict, private=in_background)
             # The replay snapshot reads the live buffer: staged now (hard links, cheap), in this thread.
             self.checkpoints.stage(step, lambda directory: self.replay.save(directory / "replay"))
+        if self.distributed.sharded:
+            # Every rank writes its optimiser shard into the staged directory, before it is published.
+            from olm_cli.distributed.sharded_checkpoint import save_sharded_optimizer
+
+            save_sharded_optimizer(self.checkpoints.staged_path(step), self.model, self.optimizer)
+        if accelerator.is_main_process:
             metadata = {"increment": self.state.increment, "complete": complete, "finite": True}
             self.checkpoint_writer.submit(functools.partial(self._publish, step, snapshot, metadata))
             if not in_background:
                 self._settle_checkpoint()
         accelerator.wait_for_everyone()
         return path, full_state_dict
+
+    def _gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full weights when they are sharded (a collective; rank 0 holds them), else None."""
+        if self.distributed.sharded:
+            from olm_cli.distributed.sharding import full_state_dict
+
+            return full_state_dict(self.model)
+        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            return self.accelerator.get_state_dict(self.model)
+        return None
 
     def _snapshot(self, full_state_dict: dict[str, torch.Tensor] | None, *, private: bool) -> TrainingSnapshot:
         """Everything the checkpoint holds (but the replay buffer) as of this step; ``private``: in host
@@ -916,7 +979,8 @@ class Trainer:
             model=model,
             weights=host_copy(full_state_dict if full_state_dict is not None else model.state_dict(), copy=private),
             tokenizer=self._writer_tokenizer,
-            optimizer=host_copy(self.optimizer.state_dict(), copy=private),
+            # Under FSDP every rank has written its shard already (optimizer-sharded/).
+            optimizer=None if self.distributed.sharded else host_copy(self.optimizer.state_dict(), copy=private),
             rng=capture_rng(),
             parts=host_copy(parts, copy=private),
             trainer_state=json.dumps(self.state.stamped(), indent=1),
@@ -968,7 +1032,7 @@ class Trainer:
 
     def _require_finite_weights(self) -> None:
         """Refuse to checkpoint NaN/Inf weights: every checkpoint (and so every rollback) is finite."""
-        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = nonfinite_parameters(self.model)
         if not bad:
             return
         where = (f"latest stays {self.latest.name} (verified finite)" if self.latest is not None
@@ -984,10 +1048,17 @@ class Trainer:
         OlmErrors raised on purpose (a replay snapshot written under another policy) are about
         the recipe, not the files: no older checkpoint would fix them, so they propagate.
         """
-        with loading_checkpoint(checkpoint, optimizer_file_label(checkpoint)):
-            optimizer_state = load_optimizer_state(checkpoint)  # optimizer.pt in a checkpoint of olm 0.2
+        from olm_cli.distributed.sharded_checkpoint import restore_optimizer
+
+        optimizer_state = None
         try:
-            self.optimizer.load_state_dict(optimizer_state)
+            with loading_checkpoint(checkpoint, optimizer_file_label(checkpoint)):
+                # A sharded optimiser state (run.distributed: fsdp) is read at any world size; so is a
+                # whole one into a sharded model. Otherwise: optimizer.pt in a checkpoint of olm 0.2.
+                if not restore_optimizer(checkpoint, self.model, self.optimizer, sharded=self.distributed.sharded):
+                    optimizer_state = load_optimizer_state(checkpoint)
+            if optimizer_state is not None:
+                self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as exc:
             # Trainable parameters changed (e.g. a new `train.trainable`): start fresh moments.
             logger.warning("optimizer state not restored (%s); starting with fresh AdamW moments", exc)

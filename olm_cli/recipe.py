@@ -215,6 +215,10 @@ class RunConfig(Section):
         description="`chunked`: the cross-entropy goes through the LM head `loss_chunk_tokens` tokens at a time and never holds the full [batch, tokens, vocabulary] logits (less peak memory with a large vocabulary, same loss and gradients); on CUDA with the `liger-kernel` package installed, Liger's fused linear cross-entropy is used. Parts that read the logits (distillation, `replay.store_logits_topk`) need `standard`.",
     )
     loss_chunk_tokens: int = Field(2048, gt=0, description="Tokens per chunk of the chunked loss: peak memory holds one chunk's logits (chunk x vocabulary floats).")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How several processes (torchrun, accelerate launch) share the training. `ddp`: every rank holds the whole model and optimiser. `fsdp`: parameters, gradients and AdamW moments are sharded with FSDP2 (`fully_shard` per decoder layer), checkpoints keep the optimiser sharded (torch.distributed.checkpoint) and the weights gathered. `auto`: `fsdp` when the launcher asks for it (`accelerate launch --use_fsdp --fsdp_version 2`), else `ddp` with more than one process. See docs/distributed.md.",
+    )
 
     @model_validator(mode="after")
     def _tensorboard_alias(self) -> RunConfig:
@@ -379,6 +383,24 @@ class Recipe(BaseModel):
         if self.model.attn_implementation == "flash_attention_2" and not half:
             raise ValueError("model.attn_implementation 'flash_attention_2' runs in bf16/fp16 only: set model.dtype "
                              "bfloat16 or run.mixed_precision bf16")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_supports_the_recipe(self) -> Recipe:
+        if self.run.distributed != "fsdp":
+            return self
+        if self.run.mixed_precision == "fp16":
+            raise ValueError("run.distributed 'fsdp' runs in float32 or bf16 (run.mixed_precision fp16 needs a sharded "
+                             "gradient scaler); use run.mixed_precision bf16")
+        if self.train.lora is not None:
+            raise ValueError("run.distributed 'fsdp' shards whole models; train.lora trains a few adapter weights, which "
+                             "need no sharding: use run.distributed ddp")
+        if self.optim.schedule == "wsd":
+            raise ValueError("optim.schedule 'wsd' trains its cooldown on whole weights, which run.distributed 'fsdp' "
+                             "does not do yet; use run.distributed ddp")
+        if self.regularize.method in ("ewc", "l2"):
+            raise ValueError(f"regularize.method '{self.regularize.method}' keeps a full copy of the weights it anchors "
+                             "to, which run.distributed 'fsdp' does not shard yet; use run.distributed ddp")
         return self
 
     def to_yaml(self) -> str:

@@ -248,6 +248,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ writing
 
+    def staged_path(self, step: int) -> Path:
+        """Where :meth:`stage` puts checkpoint ``step`` until it is published (other ranks write into it too)."""
+        return self._tmp_dir(step)
+
     def stage(self, step: int, write: Callable[[Path], object]) -> Path:
         """Start checkpoint ``step`` now: a fresh temp directory, ``write(tmp)`` run into it.
 

@@ -24,6 +24,7 @@ from olm_cli.state_files import load_tree, save_tree
 OPTIMIZER_PREFIX = "optimizer"  # optimizer.json + optimizer.safetensors
 OPTIMIZER_FILES = (f"{OPTIMIZER_PREFIX}.json", f"{OPTIMIZER_PREFIX}.safetensors")
 LEGACY_OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_OPTIMIZER_DIR = "optimizer-sharded"  # run.distributed fsdp: one DCP file per rank (olm_cli/distributed)
 FORMAT = 1
 
 
@@ -73,4 +74,6 @@ def is_legacy(directory: Path) -> bool:
 
 def optimizer_file_label(directory: Path) -> str:
     """How a load failure names the optimiser's files in ``directory`` (``optimizer.pt`` for an old checkpoint)."""
+    if (Path(directory) / SHARDED_OPTIMIZER_DIR).is_dir():
+        return f"{SHARDED_OPTIMIZER_DIR}/"
     return LEGACY_OPTIMIZER_FILE if is_legacy(directory) else OPTIMIZER_FILES[0]
