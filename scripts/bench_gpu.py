@@ -36,9 +36,13 @@ such and the others still run.
     python scripts/bench_gpu.py --models 1b --steps 40
     python scripts/bench_gpu.py --dry-run --json             # CPU, plumbing only
 
-Multi-GPU (FSDP) is a later issue: it adds a ``--fsdp`` flag that launches the olm contender
-under ``accelerate launch`` with an FSDP config and wraps the bare loop in FSDP2 (see
-``CONTENDER_RUNNERS`` below); this script measures one device only.
+``--fsdp`` adds a fourth contender, ``olm_fsdp``: olm with ``run.distributed: fsdp`` on the same
+device, a world of one (``fully_shard`` per decoder layer, every collective a no-op copy), and
+reports ``fsdp_over_olm`` (its tokens/s over plain olm's, which is what each DDP rank runs) and
+``fsdp_overhead`` = 1 - that ratio: the price of FSDP2's parameter handling itself, before any
+communication. ``--dry-run --fsdp`` exercises the sharded path on the CPU (gloo).
+
+    python scripts/bench_gpu.py --fsdp --models 1b --json   # FSDP2 overhead vs unsharded, one GPU
 """
 
 from __future__ import annotations
@@ -270,6 +274,16 @@ def run_olm_contender(bench: Bench, run_dir: Path) -> Window:
         shutil.rmtree(run_dir, ignore_errors=True)  # a 1B checkpoint is ~15 GB
 
 
+def run_olm_fsdp_contender(bench: Bench, run_dir: Path) -> Window:
+    """olm sharded with FSDP2 over a world of one (``--fsdp``)."""
+    recipe = bench.recipe(run_dir)
+    recipe["run"]["distributed"] = "fsdp"
+    try:
+        return run_olm(recipe, steps=bench.args.steps, warmup=bench.args.warmup, device=bench.device)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run_bare_contender(bench: Bench, run_dir: Path) -> Window:
     model = bench.load_model()
     recipe = recipe_from_dict(bench.recipe(run_dir))
@@ -290,10 +304,15 @@ def run_trainer_contender(bench: Bench, run_dir: Path) -> Window:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-# One device each. The FSDP issue adds multi-GPU variants here (olm under `accelerate launch`, bare in FSDP2).
+# One device each; olm_fsdp only with --fsdp.
 CONTENDER_RUNNERS: dict[str, Callable[[Bench, Path], Window]] = {
     "olm": run_olm_contender, "bare": run_bare_contender, "hf_trainer": run_trainer_contender,
+    "olm_fsdp": run_olm_fsdp_contender,
 }
+
+
+def contenders(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*CONTENDERS, "olm_fsdp") if args.fsdp else tuple(CONTENDERS)
 
 
 def measure(bench: Bench, name: str, run_dir: Path) -> dict[str, Any]:
@@ -320,8 +339,9 @@ def summarise(bench: Bench, rounds: list[dict[str, Any]], sizes: dict[str, int],
     def wall_rates(name: str) -> list[float | None]:
         return [r[name]["tokens_per_s"]["wall"] if "tokens_per_s" in r[name] else None for r in rounds]
 
+    measured = [name for name in CONTENDER_RUNNERS if name in rounds[0]]
     contenders: dict[str, Any] = {}
-    for name in CONTENDERS:
+    for name in measured:
         rate = median(wall_rates(name))
         peaks = [r[name].get("peak_memory_bytes") for r in rounds if r[name].get("peak_memory_bytes") is not None]
         errors = [r[name]["error"] for r in rounds if "error" in r[name]]
@@ -339,8 +359,15 @@ def summarise(bench: Bench, rounds: list[dict[str, Any]], sizes: dict[str, int],
         "contenders": contenders,
         "olm_over_bare": median_ratio(wall_rates("olm"), wall_rates("bare")),
         "olm_over_trainer": median_ratio(wall_rates("olm"), wall_rates("hf_trainer")),
+        **(fsdp_overhead(wall_rates("olm_fsdp"), wall_rates("olm")) if "olm_fsdp" in measured else {}),
         "rounds": rounds,
     }
+
+
+def fsdp_overhead(fsdp: list[float | None], unsharded: list[float | None]) -> dict[str, float | None]:
+    """FSDP2 at world 1 against olm unsharded (what a DDP rank runs): the ratio of tokens/s and 1 - it."""
+    ratio = median_ratio(fsdp, unsharded)
+    return {"fsdp_over_olm": ratio, "fsdp_overhead": None if ratio is None else 1.0 - ratio}
 
 
 def verdicts(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -369,9 +396,13 @@ def print_tables(report: dict[str, Any]) -> None:
             memory = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
             remarks = "; ".join(row.get("errors", []) + row.get("notes", []))
             print(f"{contender:<12}{rate:>12}{mfu:>8}{memory:>10}  {remarks}".rstrip())
-        for ratio in ("olm_over_bare", "olm_over_trainer"):
-            value = model[ratio]
-            print(f"{ratio} = {'n/a' if value is None else f'{value:.3f}'}")
+        for ratio in ("olm_over_bare", "olm_over_trainer", "fsdp_over_olm"):
+            if ratio in model:
+                value = model[ratio]
+                print(f"{ratio} = {'n/a' if value is None else f'{value:.3f}'}")
+        if model.get("fsdp_overhead") is not None:
+            print(f"fsdp_overhead = {model['fsdp_overhead']:.3f} (1 - fsdp_over_olm: the share of unsharded olm's "
+                  "tokens/s, a DDP rank's, that FSDP2 at world 1 gives up)")
     print("\ntargets:")
     for row in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "not measured"}[row["pass"]]
@@ -392,6 +423,8 @@ def main() -> None:
     parser.add_argument("--olm-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for olm's contender (e.g. run.compile=true); repeatable")
     parser.add_argument("--peak-flops", type=float, default=None, help="the device's peak bf16 FLOP/s (for MFU)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="also olm with run.distributed: fsdp (world 1) and its overhead vs unsharded olm")
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy shapes, float32: the code path only")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress on stderr)")
@@ -444,7 +477,7 @@ def main() -> None:
             say(f"{name}: {sizes['parameters']:,} parameters, batch {bench.batch} x {shape.seq}")
             rounds = []
             for r in range(args.rounds):
-                order = rotated(CONTENDERS, r + index)
+                order = rotated(contenders(args), r + index)
                 results = {}
                 for contender in order:
                     results[contender] = measure(bench, contender, root / f"run-{name}-{contender}-{r}")
@@ -465,7 +498,7 @@ def main() -> None:
         "precision": ("autocast bf16, fp32 weights" if args.precision == "autocast" else "bf16 weights")
         if device.type == "cuda" else "float32 (dry run)",
         "args": {"models": chosen, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-                 "attn": args.attn, "olm_set": args.olm_set},
+                 "attn": args.attn, "olm_set": args.olm_set, "fsdp": args.fsdp},
         "tokenizer_vocab": vocab, "seconds": round(time.monotonic() - began, 1),
         "models": models,
         "targets": verdicts(models),

@@ -168,3 +168,16 @@ def test_gpu_bench_dry_run_reports_every_model_and_contender() -> None:
     assert set(verdicts) == {("135m", "olm_over_bare"), ("1b", "olm_over_bare"), ("1b", "olm_mfu")}
     assert verdicts[("1b", "olm_mfu")]["pass"] is None  # not measured, neither passed nor failed
 
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_fsdp_reports_its_overhead() -> None:
+    """--fsdp adds olm sharded with FSDP2 over a world of one (gloo on the CPU in a dry run)."""
+    report = _run_json("bench_gpu.py", "--dry-run", "--fsdp", "--models", "135m", timeout=300)
+    model = report["models"]["135m"]
+    assert set(model["contenders"]) == CONTENDERS | {"olm_fsdp"}
+    assert _positive(model["contenders"]["olm_fsdp"]["tokens_per_s"])
+    assert model["fsdp_over_olm"] == pytest.approx(model["contenders"]["olm_fsdp"]["tokens_per_s"]
+                                                   / model["contenders"]["olm"]["tokens_per_s"])
+    assert model["fsdp_overhead"] == pytest.approx(1 - model["fsdp_over_olm"])
+    assert report["args"]["fsdp"] is True
