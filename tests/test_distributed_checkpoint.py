@@ -131,3 +131,20 @@ def test_unsharded_copy_and_nonfinite_check(tmp_path: Path, group: None) -> None
     with torch.no_grad():
         local(model.get_parameter("model.norm.weight"))[0] = float("nan")
     assert nonfinite_parameters(model) == ["model.norm.weight"]
+
+
+def test_accumulation_without_gradient_sync_matches_unsharded(tmp_path: Path, group: None) -> None:
+    """Micro-batches before the last skip the reduce-scatter; the last one reduces all of them."""
+    from olm_cli.distributed.sharding import gradient_sync
+
+    plain, model = tiny_llama(seed=5), tiny_llama(seed=5)
+    shard_model(model, device=CPU, mixed_precision="no")
+    chunks = torch.randint(0, 64, (3, 2, 12), generator=torch.Generator().manual_seed(1))
+    for index, ids in enumerate(chunks):
+        plain(input_ids=ids, labels=ids).loss.backward()
+        with gradient_sync(model, index == len(chunks) - 1):
+            model(input_ids=ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        expected = plain.get_parameter(name).grad
+        assert expected is not None and param.grad is not None, name
+        torch.testing.assert_close(param.grad.full_tensor(), expected, rtol=1e-5, atol=1e-7, msg=name)
