@@ -49,7 +49,9 @@ def _train(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _recipe(root: Path, run: str, **run_keys: Any) -> Path:
-    recipe = tiny_recipe(root, replay={"policy": "reservoir", "capacity": 50, "ratio": 0.25})
+    # A scoring selector: under FSDP its forward is a collective, run by every rank on the same pool.
+    recipe = tiny_recipe(root, replay={"policy": "reservoir", "capacity": 50, "ratio": 0.25},
+                         selector={"name": "entropy", "pool_factor": 2})
     recipe["run"].update(dir=str(root / run), **run_keys)
     return write_recipe(root, recipe, f"{run}.yaml")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from olm_cli.distributed.sharding import is_sharded
 from olm_cli.samples import Block, collate
 
 
@@ -123,7 +124,9 @@ def score_pool(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        # FSDP2 reuses its all-gather buffers in the training step, which inference tensors would poison.
+        no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
+        with no_grad, autocast:
             for start in range(0, n, micro_batch):
                 chunk = [b.tokens[:max_tokens] for b in blocks[start : start + micro_batch]]
                 batch = collate(chunk, pad_id)
