@@ -49,9 +49,10 @@ def _train(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _recipe(root: Path, run: str, **run_keys: Any) -> Path:
-    # A scoring selector: under FSDP its forward is a collective, run by every rank on the same pool.
+    # A scoring selector over three micro-batches of the pool: rank 0 scores two, rank 1 one (and,
+    # under FSDP, whose forward is a collective, a spare one); the scores are all-gathered.
     recipe = tiny_recipe(root, replay={"policy": "reservoir", "capacity": 50, "ratio": 0.25},
-                         selector={"name": "entropy", "pool_factor": 2})
+                         selector={"name": "entropy", "pool_factor": 2, "score_micro_batch": 2})
     recipe["run"].update(dir=str(root / run), **run_keys)
     return write_recipe(root, recipe, f"{run}.yaml")
 

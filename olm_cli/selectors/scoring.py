@@ -108,13 +108,18 @@ def score_pool(
     The model's train/eval mode is restored afterwards, so dropout-free scoring does not leak
     into training. On CUDA the forward runs under bf16 autocast; the maths on its outputs is
     fp32 either way.
+
+    Under several processes the pool's micro-batches are dealt out round-robin (rank ``r``
+    scores micro-batches ``r, r+N, ...``) and the scores are all-gathered, so every rank holds
+    the whole pool's scores and makes the same selection at 1/N of the scoring work. Each
+    micro-batch holds the same candidates as with one process, so the scores are the same.
     """
     n = len(blocks)
-    entropy = np.zeros(n, dtype=np.float32)
-    loss = np.zeros(n, dtype=np.float32)
-    gradnorm = np.zeros(n, dtype=np.float32)
-    tokens = np.zeros(n, dtype=np.int64)
-    embeddings: np.ndarray | None = None
+    chunks = [list(range(start, min(start + micro_batch, n))) for start in range(0, n, micro_batch)]
+    rank, world = rank_and_world()
+    mine = chunks[rank::world]
+    # A sharded forward is a collective: every rank runs as many forwards (a spare one repeats chunk 0).
+    spare = len(chunks[0::world]) - len(mine) if chunks and world > 1 and is_sharded(model) else 0
     device = model_device(model)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -127,42 +132,87 @@ def score_pool(
         # FSDP2 reuses its all-gather buffers in the training step, which inference tensors would poison.
         no_grad = torch.no_grad() if is_sharded(model) else torch.inference_mode()
         with no_grad, autocast:
-            for start in range(0, n, micro_batch):
-                chunk = [b.tokens[:max_tokens] for b in blocks[start : start + micro_batch]]
-                batch = collate(chunk, pad_id)
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                out = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    output_hidden_states=True,
-                    use_cache=False,
-                )
-                last_hidden = out.hidden_states[-1]
-                if embeddings is None:
-                    embeddings = np.zeros((n, last_hidden.shape[-1]), dtype=np.float32)
-                mask = attention_mask[..., None].to(last_hidden.dtype)
-                pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-                embeddings[start : start + len(chunk)] = pooled.float().cpu().numpy()
-                rows, measured = [], []
-                for row, row_tokens in enumerate(chunk):
-                    length = int(row_tokens.shape[0])
-                    tokens[start + row] = max(length - 1, 0)
-                    if length < 2:
-                        continue  # nothing to predict: all scores stay 0
-                    rows.append(start + row)
-                    measured.append(
-                        _row_scores(
-                            out.logits[row, : length - 1],
-                            last_hidden[row, : length - 1],
-                            input_ids[row, 1:length],
-                        )
-                    )
-                if rows:  # one device-to-host copy per micro-batch, not one per number
-                    values = torch.stack(measured).cpu().numpy()
-                    entropy[rows], loss[rows], gradnorm[rows] = values.T
+            scored = [(chunk, _score_chunk(model, [blocks[i] for i in chunk], pad_id, max_tokens, device))
+                      for chunk in mine]
+            for _ in range(spare):
+                _score_chunk(model, [blocks[i] for i in chunks[0]], pad_id, max_tokens, device)
     finally:
         model.train(was_training)
+    if world > 1:
+        scored = gather_scores(scored)
+    entropy = np.zeros(n, dtype=np.float32)
+    loss = np.zeros(n, dtype=np.float32)
+    gradnorm = np.zeros(n, dtype=np.float32)
+    tokens = np.zeros(n, dtype=np.int64)
+    embeddings: np.ndarray | None = None
+    for chunk, (c_entropy, c_loss, c_gradnorm, c_embeddings, c_tokens) in scored:
+        if embeddings is None:
+            embeddings = np.zeros((n, c_embeddings.shape[-1]), dtype=np.float32)
+        entropy[chunk], loss[chunk], gradnorm[chunk] = c_entropy, c_loss, c_gradnorm
+        embeddings[chunk], tokens[chunk] = c_embeddings, c_tokens
     if embeddings is None:
         embeddings = np.zeros((0, 0), dtype=np.float32)
     return PoolScores(entropy, loss, gradnorm, embeddings, tokens)
+
+
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _score_chunk(model: torch.nn.Module, blocks: Sequence[Block], pad_id: int, max_tokens: int | None,
+                 device: torch.device) -> ChunkScores:
+    """Entropy, loss, gradnorm bound, pooled embedding and predicted tokens of one micro-batch."""
+    n = len(blocks)
+    entropy = np.zeros(n, dtype=np.float32)
+    loss = np.zeros(n, dtype=np.float32)
+    gradnorm = np.zeros(n, dtype=np.float32)
+    tokens = np.zeros(n, dtype=np.int64)
+    chunk = [b.tokens[:max_tokens] for b in blocks]
+    batch = collate(chunk, pad_id)
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    last_hidden = out.hidden_states[-1]
+    mask = attention_mask[..., None].to(last_hidden.dtype)
+    pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    embeddings = pooled.float().cpu().numpy()
+    rows, measured = [], []
+    for row, row_tokens in enumerate(chunk):
+        length = int(row_tokens.shape[0])
+        tokens[row] = max(length - 1, 0)
+        if length < 2:
+            continue  # nothing to predict: all scores stay 0
+        rows.append(row)
+        measured.append(
+            _row_scores(
+                out.logits[row, : length - 1],
+                last_hidden[row, : length - 1],
+                input_ids[row, 1:length],
+            )
+        )
+    if rows:  # one device-to-host copy per micro-batch, not one per number
+        values = torch.stack(measured).cpu().numpy()
+        entropy[rows], loss[rows], gradnorm[rows] = values.T
+    return entropy, loss, gradnorm, embeddings, tokens
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_scores(scored: list[tuple[list[int], ChunkScores]]) -> list[tuple[list[int], ChunkScores]]:
+    """Every rank's scored micro-batches, on every rank (an object all-gather: small arrays, in memory)."""
+    import torch.distributed as dist
+
+    everyone: list[list[tuple[list[int], ChunkScores]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, scored)
+    return [item for part in everyone if part for item in part]
