@@ -59,6 +59,7 @@ def test_a_launch_olm_cannot_shard_is_refused(requested: str, env: dict[str, str
     ({"regularize": {"method": "ewc"}}, "regularize.method 'ewc'"),
     ({"regularize": {"method": "l2"}}, "regularize.method 'l2'"),
     ({"optim": {"schedule": "wsd"}}, "optim.schedule 'wsd'"),
+    ({"optim": {"meta": {"method": "reptile"}}}, "optim.meta.method 'reptile'"),
 ])
 def test_recipe_refuses_what_fsdp_cannot_shard(tmp_path: Path, sections: dict, message: str) -> None:
     recipe = tiny_recipe(tmp_path, **sections)
