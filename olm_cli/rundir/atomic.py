@@ -114,27 +114,11 @@ def atomic_writer(path: Path, *, overwrite: bool = True) -> Iterator[IO[bytes]]:
     while we write (the file is published with ``link``, which never replaces).
     On any error the temporary file is removed and ``path`` is as it was.
     """
-    path = Path(path)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(errno.EEXIST, "file exists", str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # a leftover of a killed process that had our pid; unlink never follows
-    fd = os.open(tmp, _CREATE_FLAGS, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_without_replacing(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    # The file is staged by staged_file (created O_EXCL | O_NOFOLLOW, fsynced, renamed or linked).
+    with staged_file(path, overwrite=overwrite) as tmp, \
+            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "wb") as handle:
+        yield handle
+        handle.flush()
 
 
 @contextlib.contextmanager
@@ -151,7 +135,7 @@ def staged_file(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
         raise FileExistsError(errno.EEXIST, "file exists", str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+        tmp.unlink()  # a leftover of a killed process that had our pid; unlink never follows
     os.close(os.open(tmp, _CREATE_FLAGS, 0o666))
     try:
         yield tmp
