@@ -58,23 +58,25 @@ from olm_cli.evaluation.matrix import ContinualMatrix  # noqa: E402
 # ---------------------------------------------------------------------------- settings
 
 FULL: dict[str, Any] = {
-    "shards_per_domain": 2,
+    "shards_per_domain": 10,   # built per domain; the base trains on all of the first domain's
+    "continual_shards": 1,     # each later domain arrives as this many shards
     "shard_kb": 40,
     "eval_kb": 16,
     "arch": {"size": "tiny", "vocab_size": 512},
     "block_size": 128,
     "batch": 16,
     "lr": 3e-3,
-    "warmup": 10,
-    "base_epochs": 6,
-    "eval_max_tokens": 12_000,
+    "warmup": 10,              # the base's warm-up
+    "continual_warmup": 3,     # each continual increment's (about a quarter of its steps)
+    "base_epochs": 3,
+    "eval_max_tokens": 8_000,
 }
 QUICK: dict[str, Any] = {
     **FULL,
-    "shards_per_domain": 1,
+    "shards_per_domain": 3,
     "shard_kb": 24,
     "eval_kb": 8,
-    "base_epochs": 3,
+    "base_epochs": 2,
     "eval_max_tokens": 4_000,
 }
 QUICK_ARMS = "naive,replay25,wsd_cooldown,union"
@@ -158,12 +160,14 @@ def base_recipe(settings: dict[str, Any], *, run_dir: Path, shards: str, tokeniz
     }
 
 
-def arm_recipe(base: dict[str, Any], arm: Arm, *, run_dir: Path, shards: str) -> dict[str, Any]:
+def arm_recipe(base: dict[str, Any], arm: Arm, *, run_dir: Path, shards: str, warmup: int | None = None) -> dict[str, Any]:
     recipe = copy.deepcopy(base)
     # Continual increments: no replay, no distillation unless the arm asks.
     recipe["replay"] = {"policy": "none"}
     recipe["data"]["shards"] = [shards]
     recipe["run"]["dir"] = str(run_dir)
+    if warmup is not None:
+        recipe["optim"]["warmup_steps"] = warmup
     if arm.uses_replay:
         # Same buffer settings as the pre-training so its snapshot loads.
         recipe["replay"] = {"policy": "reservoir", "capacity": 1_000_000, "store_logits_topk": 16}
@@ -464,7 +468,13 @@ class Bench:
         self.manifest = build_data(work, settings)
         self.domains = [d["name"] for d in self.manifest["domains"]]
         self.eval_sets = {d["name"]: d["eval"] for d in self.manifest["domains"]}
-        self.docs = {d["name"]: read_docs(d["train"]) for d in self.manifest["domains"]}
+        # The base trains on every shard of the first domain; a later domain arrives as its first
+        # ``continual_shards`` shards, and union retraining takes that much text of every domain.
+        shards = {d["name"]: [read_docs([p]) for p in d["train"]] for d in self.manifest["domains"]}
+        keep = settings["continual_shards"]
+        self.docs = {name: [doc for part in (parts if i == 0 else parts[:keep]) for doc in part]
+                     for i, (name, parts) in enumerate(shards.items())}
+        self.union_docs = {name: [doc for part in parts[:keep] for doc in part] for name, parts in shards.items()}
         self.tokenizer_dir = work / "tokenizer"
         self.tokenizer = self._build_tokenizer()
         ids = {name: self.tokenizer(docs, add_special_tokens=False)["input_ids"] for name, docs in self.docs.items()}
@@ -474,9 +484,10 @@ class Bench:
     def _build_tokenizer(self) -> Any:
         from olm_cli.modeling import train_tokenizer
 
-        shards = [Path(p) for d in self.manifest["domains"] for p in d["train"]]
+        text = self.work / "tokenizer-text" / "all.jsonl"
+        write_shard(text, [doc for docs in self.docs.values() for doc in docs])
         chars = sum(len(doc) for docs in self.docs.values() for doc in docs)
-        tokenizer = train_tokenizer(shards, "text", self.settings["arch"]["vocab_size"], chars + 1)
+        tokenizer = train_tokenizer([text], "text", self.settings["arch"]["vocab_size"], chars + 1)
         tokenizer.save_pretrained(self.tokenizer_dir)
         return tokenizer
 
@@ -522,10 +533,10 @@ class Bench:
 
     def pretrain(self, seed: int) -> tuple[Path, dict[str, float]]:
         """The base: ``base_epochs`` shuffled passes over the first domain, one cosine increment."""
-        seed_dir = self.work / f"seed{seed}"
-        shutil.rmtree(seed_dir, ignore_errors=True)  # a reused --work starts over
-        run_dir = seed_dir / "pretrain"
-        stream = seed_dir / "pretrain-stream"
+        base_dir = self.work / f"base-seed{seed}"
+        shutil.rmtree(base_dir, ignore_errors=True)  # a reused --work starts over
+        run_dir = base_dir / "run"
+        stream = base_dir / "stream"
         first = self.domains[0]
         for epoch in range(self.settings["base_epochs"]):
             docs = list(self.docs[first])
@@ -554,7 +565,7 @@ class Bench:
                 stream = seed_dir / f"{arm.name}-{i}-stream"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 shutil.copytree(pretrain_dir, run_dir, symlinks=True)
-                docs = [doc for d in self.domains[:i] for doc in self.docs[d]]
+                docs = [doc for d in self.domains[:i] for doc in self.union_docs[d]]
                 random.Random(f"{seed}:{i}").shuffle(docs)
                 write_shard(stream / "00-union" / "shard.jsonl", docs)
             else:
@@ -563,8 +574,12 @@ class Bench:
                 if i == 2:
                     shutil.rmtree(run_dir, ignore_errors=True)
                     shutil.copytree(pretrain_dir, run_dir, symlinks=True)
-                write_shard(stream / f"{i - 1:02d}-{domain}" / "shard.jsonl", self.docs[domain])
-            recipe = arm_recipe(self.base(seed, run_dir, ""), arm, run_dir=run_dir, shards=str(stream / "*" / "*.jsonl"))
+                # Each seed sees the new domain's documents in its own order.
+                docs = list(self.docs[domain])
+                random.Random(f"{seed}:{domain}").shuffle(docs)
+                write_shard(stream / f"{i - 1:02d}-{domain}" / "shard.jsonl", docs)
+            recipe = arm_recipe(self.base(seed, run_dir, ""), arm, run_dir=run_dir, shards=str(stream / "*" / "*.jsonl"),
+                                warmup=self.settings["continual_warmup"])
             outcome = self._train(recipe)
             compute += outcome.tokens
             matrix.add_row(f"inc {i}", domain, self.evaluate_release(run_dir))
@@ -580,11 +595,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", help="comma-separated run.seed values (default 0,1,2; --quick: 0)")
     parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARMS)} (default all; --quick: {QUICK_ARMS})")
     parser.add_argument("--quick", action="store_true", help="smaller data, shorter base training, one seed, four arms")
+    parser.add_argument("--base-per-seed", action="store_true",
+                        help="train a base model per seed (default: one base, trained with the first seed, shared)")
     parser.add_argument("--best", default="best", help="the arm the recipe targets are checked on (default best)")
     parser.add_argument("--list-arms", action="store_true", help="print every arm, its overrides and whether the installed olm runs it")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress and the table on stderr)")
     parser.add_argument("--out", type=Path, help="also write that JSON object to this file (partial results while running)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, deleted)")
+    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
+                        help="train nothing: re-aggregate a results file (--out), e.g. with another --best")
+    parser.add_argument("--markdown", action="store_true", help="also print the table and targets as markdown")
     args = parser.parse_args(argv)
     args.arms = args.arms or (QUICK_ARMS if args.quick else ",".join(ARMS))
     args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
@@ -614,6 +634,27 @@ def plan_arms(names: list[str], settings: dict[str, Any]) -> tuple[list[str], di
     return runnable, skipped
 
 
+def report(args: argparse.Namespace, say: Any) -> int:
+    """Re-aggregate a results file: the table, the targets (for ``--best``) and the JSON again."""
+    try:
+        saved = json.loads(args.report.read_text(encoding="utf-8"))
+        per_seed, domains = saved["per_seed"], saved["domains"]
+    except (OSError, ValueError, KeyError) as error:
+        say(f"error: {args.report}: not a results file of this benchmark ({error})")
+        return 2
+    agg = aggregate(per_seed)
+    targets = check_targets(agg, saved.get("base", []), saved.get("skipped", {}), args.best)
+    saved["meta"]["best"] = args.best
+    saved.update({"aggregate": {n: {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+                                for n, row in agg.items()}, "targets": targets})
+    print_report(agg, domains, targets, saved.get("skipped", {}), file=sys.stderr if args.json else sys.stdout)
+    if args.markdown:
+        say(docs_section(agg, domains, targets, saved.get("skipped", {}), saved["meta"]))
+    if args.json:
+        sys.stdout.write(json.dumps(saved, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import logging
@@ -639,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = "union retraining" if ARMS[name].union else json.dumps(ARMS[name].overrides) or "{}"
             print(f"{name:18} {state:45} {overrides}")
         return 0
+    if args.report:
+        return report(args, say)
     for name, needs in skipped.items():
         say(f"{name}: skipped: needs {', '.join(needs)}")
     command = "python scripts/bench_forgetting.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -665,9 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         say("unigram entropy of each domain's training text (nats/token): "
             + ", ".join(f"{d} {h:.3f}" for d, h in bench.unigram.items()))
         for seed in seeds:
-            start = bench.start_losses(seed)
-            pretrain, base_losses = bench.pretrain(seed)
-            base.append({"seed": seed, "domain": first, "loss": base_losses[first], "unigram_entropy": bench.unigram[first]})
+            if seed == seeds[0] or args.base_per_seed:
+                start = bench.start_losses(seed)
+                pretrain, base_losses = bench.pretrain(seed)
+                base.append({"seed": seed, "domain": first, "loss": base_losses[first],
+                             "unigram_entropy": bench.unigram[first]})
             for name in runnable:
                 per_seed[name].append(bench.run_arm(ARMS[name], seed, pretrain, start, base_losses))
                 if args.out:  # partial results survive an interrupted run
@@ -679,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(per_seed)
     print_report(agg, bench.domains, result["targets"], skipped, file=log)
     say(f"total {result['meta']['minutes']:.1f} min")
+    if args.markdown:
+        say(docs_section(agg, bench.domains, result["targets"], skipped, result["meta"]))
     text = json.dumps(result, indent=1) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

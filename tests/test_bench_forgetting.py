@@ -188,3 +188,19 @@ def test_parse_args_defaults_and_errors(bench) -> None:
         bench.parse_args(["--arms", "naive,nope"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--seeds", "a,b"])
+
+
+def test_report_re_aggregates_a_results_file_with_another_best(bench, tmp_path: Path, capsys) -> None:
+    saved = {"meta": {"command": "c", "date": "d", "minutes": 1.0, "seeds": [0, 1], "settings": bench.FULL},
+             "domains": ["code", "prose", "drama"], "base": BASE, "skipped": {"best": ["optim.schedule=wsd"]},
+             "per_seed": {"naive": _run(1.0, 3.0, 4.0, 100), "replay50": _run(0.1, 3.03, 3.52, 150),
+                          "union": _run(0.05, 3.0, 3.5, 500)}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(saved))
+    assert bench.main(["--report", str(path), "--best", "replay50", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["meta"]["best"] == "replay50"
+    assert [t["result"] for t in out["targets"][:5]] == ["PASS", "PASS", "PASS", "PASS", "PASS"]
+    assert out["aggregate"]["replay50"]["compute_vs_union"] == pytest.approx(0.3)
+    path.write_text("{}")
+    assert bench.main(["--report", str(path)]) == 2
