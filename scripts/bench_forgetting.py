@@ -119,7 +119,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("replay25_displace", "replay 25% (displace)", _replay(0.25, **{"replay.mode": "displace"})),
     Arm("replay50_displace", "replay 50% (displace)", _replay(0.50, **{"replay.mode": "displace"})),
     Arm("wsd_cooldown", "WSD + cooldown 20%", dict(_WSD)),
-    Arm("wsd_sma", "WSD + SMA of last 4", dict(_SMA)),
+    Arm("wsd_sma", "WSD + SMA of last 4 (+ cooldown)", dict(_SMA)),
+    Arm("const_sma", "constant LR + SMA of last 4", {**_SMA, "optim.schedule": "constant"}),
     Arm("lwf", "replay 25% + LwF", _replay(0.25, **{"distill.method": "lwf"})),
     Arm("reptile", "Reptile meta-update", {"optim.meta": {"method": "reptile"}}),
     # The combination proposed as the recipe to use (configs/forgetting-scratch.yaml): replay that
@@ -531,18 +532,23 @@ class Bench:
         recipe = recipe_from_dict(self.base(seed, self.work / "unused", "unused"))
         return self.evaluate(build_scratch_model(recipe.model, self.tokenizer, seed))
 
-    def pretrain(self, seed: int) -> tuple[Path, dict[str, float]]:
+    def pretrain(self, seed: int, reuse: bool = False) -> tuple[Path, dict[str, float]]:
         """The base: ``base_epochs`` shuffled passes over the first domain, one cosine increment."""
         base_dir = self.work / f"base-seed{seed}"
-        shutil.rmtree(base_dir, ignore_errors=True)  # a reused --work starts over
         run_dir = base_dir / "run"
         stream = base_dir / "stream"
         first = self.domains[0]
+        t0 = time.perf_counter()
+        if reuse and (run_dir / "releases").is_dir():
+            losses = self.evaluate_release(run_dir)
+            self.say(f"seed {seed}: base reused from {run_dir}; held-out loss {losses[first]:.3f} nats/token vs unigram "
+                     f"entropy {self.unigram[first]:.3f} (gap {self.unigram[first] - losses[first]:.3f})")
+            return run_dir, losses
+        shutil.rmtree(base_dir, ignore_errors=True)  # a reused --work starts over
         for epoch in range(self.settings["base_epochs"]):
             docs = list(self.docs[first])
             random.Random(f"{seed}:epoch{epoch}").shuffle(docs)
             write_shard(stream / f"00-{first}" / f"epoch-{epoch:02d}.jsonl", docs)
-        t0 = time.perf_counter()
         outcome = self._train(self.base(seed, run_dir, str(stream / "*" / "*.jsonl")))
         losses = self.evaluate_release(run_dir)
         self.say(f"seed {seed}: base trained on {first} ({self.settings['base_epochs']} epochs): {outcome.steps} steps, "
@@ -602,8 +608,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress and the table on stderr)")
     parser.add_argument("--out", type=Path, help="also write that JSON object to this file (partial results while running)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, deleted)")
-    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
-                        help="train nothing: re-aggregate a results file (--out), e.g. with another --best")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="train nothing: re-aggregate results files (--out; arms of later files added), e.g. with another --best")
+    parser.add_argument("--reuse-base", action="store_true",
+                        help="with --work: evaluate a base already trained there instead of training it again")
     parser.add_argument("--markdown", action="store_true", help="also print the table and targets as markdown")
     args = parser.parse_args(argv)
     args.arms = args.arms or (QUICK_ARMS if args.quick else ",".join(ARMS))
@@ -636,12 +644,21 @@ def plan_arms(names: list[str], settings: dict[str, Any]) -> tuple[list[str], di
 
 def report(args: argparse.Namespace, say: Any) -> int:
     """Re-aggregate a results file: the table, the targets (for ``--best``) and the JSON again."""
-    try:
-        saved = json.loads(args.report.read_text(encoding="utf-8"))
-        per_seed, domains = saved["per_seed"], saved["domains"]
-    except (OSError, ValueError, KeyError) as error:
-        say(f"error: {args.report}: not a results file of this benchmark ({error})")
-        return 2
+    saved: dict[str, Any] = {}
+    for path in args.report:
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            part["per_seed"], part["domains"], part["meta"]  # noqa: B018 -- the keys every results file has
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            say(f"error: {path}: not a results file of this benchmark ({error})")
+            return 2
+        if not saved:
+            saved = part
+            continue
+        saved["per_seed"].update({n: runs for n, runs in part["per_seed"].items() if n not in saved["per_seed"]})
+        saved["skipped"] = {n: v for n, v in saved.get("skipped", {}).items() if n not in saved["per_seed"]}
+        saved["meta"]["command"] += " ; " + part["meta"]["command"]
+    per_seed, domains = saved["per_seed"], saved["domains"]
     agg = aggregate(per_seed)
     targets = check_targets(agg, saved.get("base", []), saved.get("skipped", {}), args.best)
     saved["meta"]["best"] = args.best
@@ -710,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if seed == seeds[0] or args.base_per_seed:
                 start = bench.start_losses(seed)
-                pretrain, base_losses = bench.pretrain(seed)
+                pretrain, base_losses = bench.pretrain(seed, reuse=args.reuse_base)
                 base.append({"seed": seed, "domain": first, "loss": base_losses[first],
                              "unigram_entropy": bench.unigram[first]})
             for name in runnable:
