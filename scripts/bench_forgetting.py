@@ -63,12 +63,12 @@ FULL: dict[str, Any] = {
     "shard_kb": 40,
     "eval_kb": 16,
     "arch": {"size": "tiny", "vocab_size": 512},
-    "block_size": 128,
+    "block_size": 64,          # short blocks: twice the optimiser steps for the same tokens
     "batch": 16,
     "lr": 3e-3,
-    "warmup": 10,              # the base's warm-up
-    "continual_warmup": 3,     # each continual increment's (about a quarter of its steps)
-    "base_epochs": 3,
+    "warmup": 20,              # the base's warm-up
+    "continual_warmup": 5,     # each continual increment's (about a quarter of its steps)
+    "base_epochs": 5,
     "eval_max_tokens": 8_000,
 }
 QUICK: dict[str, Any] = {
@@ -395,9 +395,13 @@ def table_rows(agg: dict[str, dict[str, Any]], domains: list[str], skipped: dict
         return "-" if value is None else f"{value:.3f}"
 
     rows = []
+    most = max((row["seeds"] for row in agg.values()), default=0)
     for name, row in agg.items():
+        label = ARMS[name].label if name in ARMS else name
+        if row["seeds"] < most:  # merged results files: say which rows rest on fewer seeds
+            label += f" ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
         rows.append(
-            [ARMS[name].label if name in ARMS else name]
+            [label]
             + [_ms(row["final"][d]) for d in domains]
             + [_ms(row["forgetting"][d], signed=True) if d in row["forgetting"] else "-" for d in forgotten]
             + [_ms(row["mean_loss"]), _ms(row["new_domain_loss"]), f"{row['compute_tokens'][0] / 1e3:,.0f}k",
