@@ -162,13 +162,15 @@ def build_texts(settings: dict[str, Any], seed: int = 0) -> dict[str, dict[str, 
 
 
 def dequantise(gguf: Path, out: Path) -> None:
-    """The GGUF's weights and tokenizer as an ordinary transformers folder (float32 safetensors)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF's weights and tokenizer as an ordinary transformers folder (float32 safetensors),
+    written by olm's own GGUF loader (the one ``model.gguf_file`` uses)."""
+    from olm_cli.modeling import load_source
+    from olm_cli.recipe import ModelConfig
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    cfg = ModelConfig(init="pretrained", name_or_path=str(gguf.parent), gguf_file=gguf.name)
+    load_source(cfg, shards=[], text_field="text", seed=0, cache_dir=out)
+    if not (out / "config.json").is_file():
+        raise RuntimeError(f"could not write the de-quantised {gguf.name} into {out}")
 
 
 # ---------------------------------------------------------------------------- measures
