@@ -573,7 +573,8 @@ class Bench:
             if arm.union:
                 run_dir = seed_dir / f"{arm.name}-{i}"
                 stream = seed_dir / f"{arm.name}-{i}-stream"
-                shutil.rmtree(run_dir, ignore_errors=True)
+                for stale in (run_dir, stream):  # a reused --work starts over
+                    shutil.rmtree(stale, ignore_errors=True)
                 shutil.copytree(pretrain_dir, run_dir, symlinks=True)
                 docs = [doc for d in self.domains[:i] for doc in self.union_docs[d]]
                 random.Random(f"{seed}:{i}").shuffle(docs)
@@ -582,7 +583,8 @@ class Bench:
                 run_dir = seed_dir / arm.name
                 stream = seed_dir / f"{arm.name}-stream"
                 if i == 2:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+                    for stale in (run_dir, stream):  # a reused --work starts over
+                        shutil.rmtree(stale, ignore_errors=True)
                     shutil.copytree(pretrain_dir, run_dir, symlinks=True)
                 # Each seed sees the new domain's documents in its own order.
                 docs = list(self.docs[domain])
