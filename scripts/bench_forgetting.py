@@ -221,6 +221,16 @@ def unigram_entropy(token_ids: list[list[int]], eos_id: int) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
+def cooldown_tokens(run_dir: Path, increment: int) -> int:
+    """Tokens a WSD cooldown branch trained at the end of ``increment`` (its release's compute,
+    which the increment's own token count leaves out); 0 without a cooldown."""
+    path = run_dir / "cooldown-history.jsonl"  # written by olm_cli/cooldown.py, one line per cooldown
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sum(int(r.get("tokens", 0)) for r in rows if r.get("increment") == increment)
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -597,6 +607,8 @@ class Bench:
             matrix.add_row(f"inc {i}", domain, self.evaluate_release(run_dir))
             self.say(f"seed {seed}: {arm.name} through {domain}: {outcome.steps} steps, {outcome.tokens:,} tokens "
                      f"({time.perf_counter() - t0:.0f}s)")
+            if not arm.union:
+                compute += cooldown_tokens(run_dir, outcome.increment)
         return run_measures(matrix, compute, time.perf_counter() - t0)
 
 

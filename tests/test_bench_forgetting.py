@@ -204,3 +204,11 @@ def test_report_re_aggregates_a_results_file_with_another_best(bench, tmp_path: 
     assert out["aggregate"]["replay50"]["compute_vs_union"] == pytest.approx(0.3)
     path.write_text("{}")
     assert bench.main(["--report", str(path)]) == 2
+
+
+def test_cooldown_tokens_count_only_that_increments_branch(bench, tmp_path: Path) -> None:
+    assert bench.cooldown_tokens(tmp_path, 2) == 0  # no cooldown: nothing to add
+    lines = [{"increment": 2, "tokens": 5120}, {"increment": 3, "tokens": 4096}]
+    (tmp_path / "cooldown-history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert bench.cooldown_tokens(tmp_path, 2) == 5120 and bench.cooldown_tokens(tmp_path, 3) == 4096
+    assert bench.cooldown_tokens(tmp_path, 4) == 0
