@@ -691,12 +691,19 @@ def report(args: argparse.Namespace, say: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     import logging
 
+    # Library warnings would drown the table; restored on return, as the tests call main() in-process.
+    logging.disable(logging.WARNING)
+    try:
+        return _run(parse_args(argv), argv)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
-    logging.disable(logging.WARNING)
     # One thread: on 2 cores shared with other jobs, 2 threads measured ~8x slower per step.
     torch.set_num_threads(1)
     log = sys.stderr if args.json else sys.stdout

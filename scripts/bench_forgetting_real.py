@@ -261,12 +261,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     import logging
 
+    # Library warnings would drown the table; restored on return, as the tests call main() in-process.
+    logging.disable(logging.WARNING)
+    try:
+        return _run(parse_args(argv), argv)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
-    logging.disable(logging.WARNING)
     log = sys.stderr if args.json else sys.stdout
 
     def say(message: str) -> None:
