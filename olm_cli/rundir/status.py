@@ -49,13 +49,8 @@ def last_json_line(path: Path) -> dict[str, Any] | None:
             # lines[0] may be cut unless we reached the start of the file.
             complete = lines if pos == 0 else lines[1:]
             for raw in reversed(complete):
-                if not raw.strip():
-                    continue
-                try:
-                    value = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                if isinstance(value, dict):
+                value = _json_object(raw)
+                if value is not None:
                     return value
             if len(buffer) > 64 * _TAIL_BLOCK and len(lines) > 2:
                 return None  # many lines and none parse: give up rather than read it all
@@ -76,15 +71,21 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
         return rows
     with fh:
         for raw in fh:
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(value, dict):
+            value = _json_object(raw)
+            if value is not None:
                 rows.append(value)
     return rows
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object on one log line; None for a blank, torn or non-object line."""
+    if not raw.strip():
+        return None
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def collect_status(run_dir: Path) -> dict[str, Any]:
