@@ -16,6 +16,11 @@ checkpoint it grew from. A run killed mid-cooldown finds the trunk's increment c
 released, sets up from that trunk checkpoint, continues the branch from its checkpoint and ends
 with bit-identical cooled weights. A branch checkpoint of another increment or trunk is stale
 and removed. The folder is removed once the release is written.
+
+Every ``run.log_every`` branch steps (and its last) a line goes to ``metrics.jsonl`` tagged
+``"phase": "cooldown"``, with ``step`` the trunk step it branched at and ``cooldown_step`` its
+own, so the trunk's series stays as it was and ``olm status`` / ``olm report`` can show the
+branch. Lines a killed branch wrote after its checkpoint are dropped when it resumes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from olm_cli.errors import OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
 from olm_cli.rundir import CheckpointManager
-from olm_cli.rundir.atomic import append_line_durable, write_json_atomic
+from olm_cli.rundir.atomic import append_line_durable, write_json_atomic, write_text_atomic
 from olm_cli.rundir.checkpoint import CheckpointVerifyError, loading_checkpoint
 from olm_cli.rundir.optimizer_state import load_optimizer_state, save_optimizer_state
 from olm_cli.samples import collate
@@ -49,6 +54,8 @@ COOLDOWN_DIR = "cooldown"
 HISTORY_FILE = "cooldown-history.jsonl"
 """``RUN/cooldown-history.jsonl``: one line per finished cooldown (steps, tokens, seconds, losses)."""
 STATE_FILE = "cooldown_state.json"
+PHASE = "cooldown"
+"""The ``phase`` of the branch's lines in ``metrics.jsonl`` (the trunk's carry no phase)."""
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -94,6 +101,7 @@ class CooldownBranch:
         resumed = self._resume(stream)
         if not resumed:
             seed_everything(recipe.run.seed + self.state.increment)
+        self._drop_unsaved_rows()
         state = self.state
         trainer._say(f"cooldown of increment {state.increment}: "
                      + (f"resuming at step {state.step}/{state.steps}" if resumed else f"{state.steps} step(s)")
@@ -142,6 +150,9 @@ class CooldownBranch:
             state.seconds += time.perf_counter() - t0
             state.first_loss = measured.loss if state.first_loss is None else state.first_loss
             state.last_loss = measured.loss
+            if state.step % recipe.run.log_every == 0 or state.step == state.steps:
+                self._log(measured.loss, recipe.optim.lr * multiplier, measured.grad_norm, len(samples),
+                          len(replayed), sum(len(s) for s in samples) / max(time.perf_counter() - t0, 1e-9))
             if state.step == 1 or state.step % max(1, state.steps // 10) == 0 or state.step == state.steps:
                 trainer._say(f"cooldown {state.step}/{state.steps} loss {measured.loss:.4f} "
                              f"lr {recipe.optim.lr * multiplier:.2e}")
@@ -172,6 +183,42 @@ class CooldownBranch:
             accelerator.backward(loss)
             accumulated.add(loss, row_loss)
         return accumulated
+
+    # ------------------------------------------------------------------ metrics
+
+    def _log(self, loss: float, lr: float, grad_norm: float, samples: int, replayed: int, rate: float) -> None:
+        """One ``metrics.jsonl`` line for this branch step (not sent to the trackers: its step is the trunk's)."""
+        if not self.trainer.accelerator.is_main_process:
+            return
+        from olm_cli.engine import strict_json_row
+
+        state = self.state
+        row = strict_json_row({
+            "step": self.trainer.state.global_step, "increment": state.increment, "phase": PHASE,
+            "cooldown_step": state.step, "cooldown_steps": state.steps, "trunk": state.trunk, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "cooldown_tokens": state.tokens, "tokens_per_s": rate, "batch_size": samples,
+            "replayed": replayed, "time": time.time(),
+        })
+        with open(Path(self.recipe.run.dir) / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def _drop_unsaved_rows(self) -> None:
+        """Remove this increment's branch lines past the step the branch (re)starts from (a killed run's)."""
+        path = Path(self.recipe.run.dir) / "metrics.jsonl"
+        if not self.trainer.accelerator.is_main_process or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if not (isinstance(row, dict) and row.get("phase") == PHASE and row.get("increment") == self.state.increment
+                    and int(row.get("cooldown_step") or 0) > self.state.step):
+                kept.append(line)
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -833,7 +833,7 @@ class Trainer:
                                               step=state.global_step, checkpoint=trunk,
                                               trained=dict(state.domain_tokens), tokens_trained=state.total_tokens,
                                               state_dict=release.state_dict, console=self.console,
-                                              trackers=self.trackers)
+                                              trackers=self.trackers, origin=release.origin)
                 if result is not None:
                     released, message = result.released, result.message
                 release.released()

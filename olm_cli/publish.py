@@ -20,9 +20,12 @@ from olm_cli.trackers import Trackers
 
 def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, *, increment: int, step: int,
                          checkpoint: Path, trained: dict[str, int], tokens_trained: int,
-                         state_dict: Any = None, console: Any = None, trackers: Any = None) -> Any:
+                         state_dict: Any = None, console: Any = None, trackers: Any = None,
+                         origin: dict[str, Any] | None = None) -> Any:
     """Evaluate every domain (a row of the matrix), then publish the increment's release behind the gate.
 
+    ``origin`` says where the weights came from when they are not the trunk's (a cooldown, an
+    average; :mod:`olm_cli.release_branch`); the release records it.
     Returns the :class:`~olm_cli.release.ReleaseResult`, or None when releases are off. Also used
     when a run died between an increment's checkpoint and its release (see
     :func:`publish_pending_release`), so both paths publish exactly the same way.
@@ -41,7 +44,7 @@ def evaluate_and_release(recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
     if recipe.release.enabled:
         result = publish_release(run_dir, recipe, model, tokenizer, increment=increment, step=step,
                                  checkpoint=checkpoint, eval_results=results, tokens_trained=tokens_trained,
-                                 state_dict=state_dict)
+                                 state_dict=state_dict, origin=origin)
         # A refusal is the caller's last line (and exit code 3); a release is reported here.
         if console is not None and result.released:
             console.print(result.message, highlight=False)
@@ -72,19 +75,22 @@ def publish_pending_release(recipe: Recipe, checkpoint: Path, state: dict[str, A
     with loading_checkpoint(checkpoint, "the model or tokenizer"):
         model = load_pretrained(str(checkpoint), dtype=recipe.model.dtype)
         tokenizer = load_tokenizer(str(checkpoint))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    origin = None
     if recipe.release.merge == "sma":
-        from olm_cli.release_branch import average_trunk
+        from olm_cli.release_branch import average_trunk, release_origin, trunk_eval
         from olm_cli.rundir import CheckpointManager
 
         checkpoints = CheckpointManager(checkpoint.parent, keep=recipe.run.keep_checkpoints)
-        average_trunk(recipe, checkpoints, checkpoint, model,
-                      console.print if console is not None else (lambda *_: None))
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+        say_line = console.print if console is not None else (lambda *_: None)
+        trunk_losses = trunk_eval(recipe, model, tokenizer, say_line)
+        averaged = average_trunk(recipe, checkpoints, checkpoint, model, say_line)
+        origin = release_origin("sma", checkpoint, averaged=averaged, trunk_losses=trunk_losses)
     say = console.print if console is not None else None
     with contextlib.closing(Trackers.open(recipe, say=say)) as trackers:
         return evaluate_and_release(recipe, model, tokenizer, increment=int(state["increment"]),
                                     step=int(state["global_step"]), checkpoint=checkpoint,
                                     trained=dict(state.get("domain_tokens", {})),
                                     tokens_trained=int(state.get("total_tokens", 0)), console=console,
-                                    trackers=trackers)
+                                    trackers=trackers, origin=origin)

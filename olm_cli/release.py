@@ -444,6 +444,7 @@ def publish_release(
     tokens_trained: int | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     console: Any = None,
+    origin: dict[str, Any] | None = None,
 ) -> ReleaseResult:
     """Write ``RUN/releases/release-NNNN`` from ``model`` and move ``latest`` to it if it passes the gate.
 
@@ -451,7 +452,8 @@ def publish_release(
     full state dict when the model is sharded (FSDP/DeepSpeed); otherwise the model's own is
     used, LoRA merged as for checkpoints. The training model is never modified. A write failure
     (a full disk) is a :class:`CheckpointError` and leaves ``latest`` and older releases alone;
-    a failed gate is not an error: the result says ``released=False`` and why.
+    a failed gate is not an error: the result says ``released=False`` and why. ``origin`` (a
+    cooldown branch, an average of trunk checkpoints) is written to release.json and the history.
     """
     import torch
 
@@ -482,6 +484,7 @@ def publish_release(
         "released": verdict.passed,
         "reasons": verdict.reasons,
         "gate": verdict.details,
+        **({"origin": origin} if origin else {}),
     })
     staged = store.root / f"{_TMP_PREFIX}{increment:04d}"
     try:
@@ -501,7 +504,7 @@ def publish_release(
         raise CheckpointError(f"could not write release {name}: {failure}") from exc
     latest = store.latest_target()
     store.append_history({key: info[key] for key in ("release", "increment", "step", "released", "reasons", "gate",
-                                                     "created", "previous")}
+                                                     "created", "previous", "origin") if key in info}
                          | {"latest": latest.name if latest else None})
     store.prune()
     result = ReleaseResult(verdict.passed, path, verdict.reasons, info["gate"], increment,
