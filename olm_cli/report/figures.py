@@ -86,12 +86,17 @@ def _increment_legend(ax: Any, increments: list[int]) -> None:
                 transform=ax.transAxes, ha="right", va="top", fontsize=8)
 
 
-def training_figure(training: dict[str, Any]) -> Figure | None:
-    """Loss, learning rate and tokens/s per logged step, each increment in its colour."""
+def training_figure(training: dict[str, Any], cooldowns: list[dict[str, Any]] | None = None) -> Figure | None:
+    """Loss, learning rate and tokens/s per logged step, each increment in its colour.
+
+    A cooldown branch (``optim.schedule: wsd``) is a shaded span from the trunk step it branched
+    off, with its own loss and rate dashed: the trunk's solid curve continues beneath it.
+    """
     steps: list[int] = training["step"]
-    if not steps:
+    cooldowns = cooldowns or []
+    if not steps and not cooldowns:
         return None
-    increments = sorted(set(training["increment"]))
+    increments = sorted(set(training["increment"]) | {int(c["increment"]) for c in cooldowns})
     colours = dict(zip(increments, _colours(len(increments)), strict=True))
     figure = MplFigure(figsize=(_WIDTH, 6.4), layout="constrained")
     axes = figure.subplots(3, 1, sharex=True)
@@ -104,6 +109,16 @@ def training_figure(training: dict[str, Any]) -> Figure | None:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, color=colours[increment], linewidth=1.0, marker="." if len(points) < 60 else None,
                         markersize=3, label=str(increment))
+        for span in cooldowns:
+            ax.axvspan(span["from_step"], span["from_step"] + max(span["done_steps"], 1), color="0.5",
+                       alpha=0.15 if span["complete"] else 0.08, linewidth=0)
+            points = [(s, v) for s, v in zip(span["step"], span.get(key) or [], strict=False) if v is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                first = ax is axes[0] and span is cooldowns[0]
+                ax.plot(xs, ys, color=colours[int(span["increment"])], linestyle="--", linewidth=1.0,
+                        marker="." if len(points) < 60 else None, markersize=3,
+                        label="cooldown" if first else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -117,10 +132,19 @@ def training_figure(training: dict[str, Any]) -> Figure | None:
         if training["shown_steps"] != training["logged_steps"] else f"{training['logged_steps']} logged steps"
     skipped = f"; {_plural(len(training['skipped']), 'skipped batch', 'skipped batches')} marked in red" \
         if training["skipped"] else ""
-    alt = (f"Training loss, learning rate and tokens per second over {shown} (steps {steps[0]} to {steps[-1]}), "
-           f"{len(increments)} increments ({_listing(increments)}){skipped}")
+    branches = ""
+    if cooldowns:
+        partial = [c["increment"] for c in cooldowns if not c["complete"]]
+        branches = (f"; cooldown branches of increments {_listing([c['increment'] for c in cooldowns])} shaded grey "
+                    "from the trunk step they branched off, their loss and learning rate dashed"
+                    + (f" (increment {_listing(partial)} unfinished, lighter)" if partial else ""))
+    extent = f" (steps {steps[0]} to {steps[-1]})" if steps else ""
+    alt = (f"Training loss, learning rate and tokens per second over {shown}{extent}, "
+           f"{len(increments)} increments ({_listing(increments)}){skipped}{branches}")
     return Figure("training", "Training", alt, _png(figure),
-                  {"increments": increments, "points": len(steps), "first_step": steps[0], "last_step": steps[-1]})
+                  {"increments": increments, "points": len(steps), "first_step": steps[0] if steps else None,
+                   "last_step": steps[-1] if steps else None,
+                   "cooldowns": [[c["increment"], c["from_step"], c["to_step"]] for c in cooldowns]})
 
 
 def eval_figure(matrix: dict[str, Any] | None, releases: list[dict[str, Any]],
@@ -309,7 +333,7 @@ def all_figures(data: dict[str, Any]) -> dict[str, Figure | None]:
     buffered = {d for entry in data["replay"]["composition"].values() for d in entry.get("by_domain", {})}
     colours = domain_colours(known + sorted(buffered - set(known)))
     return {
-        "training": training_figure(data["training"]),
+        "training": training_figure(data["training"], data.get("cooldowns")),
         "eval": eval_figure(evaluation["matrix"], data["releases"], colours),
         "matrix": matrix_figure(evaluation["matrix"]),
         "extra": extra_metrics_figure(evaluation["extra_metrics"]),

@@ -89,6 +89,12 @@ def _cards(data: dict[str, Any]) -> str:
         ("mean forgetting", _fmt(summary.get("mean_forgetting"), 3) if summary.get("mean_forgetting") is not None
          else "-"),
     ]
+    schedule = status.get("schedule") or {}
+    if schedule.get("phase"):
+        branch = schedule.get("branch")
+        phase = (f"cooldown {branch['step']}/{branch['steps']}" if schedule["phase"] == "cooldown" and branch
+                 else schedule["phase"])
+        cards.append(("schedule phase", phase))
     return '<div class="cards">' + "".join(
         f'<div class="card"><b>{escape(value)}</b><span>{escape(label)}</span></div>' for label, value in cards
     ) + "</div>"
@@ -144,6 +150,37 @@ def _ledger_table(ledger: dict[str, Any]) -> str:
             + _table(["shard", "status", "tokens", "increment", "finished", "reason"], rows, {2, 3}) + more)
 
 
+def release_source(row: dict[str, Any]) -> str:
+    """Which weights a release holds, in words: the trunk, its cooldown branch, an average of its checkpoints."""
+    origin = row.get("origin") or {}
+    kind = origin.get("kind")
+    if not kind:
+        return "trunk"
+    parts = []
+    if origin.get("averaged") is not None:
+        parts.append(f"SMA of {len(origin['averaged'])} checkpoints")
+    if isinstance(origin.get("cooldown"), dict):
+        parts.append(f"cooldown of {origin['cooldown'].get('step')} steps")
+    return " + ".join(parts or [str(kind)]) + f" off {origin.get('trunk')}"
+
+
+def _cooldowns_table(cooldowns: list[dict[str, Any]]) -> str:
+    if not cooldowns:
+        return ""
+    rows = []
+    for c in cooldowns[-_INCREMENT_ROWS:]:
+        changes = [e["change"] for e in c["eval"].values() if e.get("change") is not None]
+        state = "done" if c["complete"] else _Raw('<span class="bad">unfinished</span>')
+        rows.append([c["increment"], c["trunk"], f"{c['done_steps']}/{c['steps']}", state, c["tokens"],
+                     c["first_loss"], c["last_loss"], c["release"] or "-",
+                     sum(changes) / len(changes) if changes else None])
+    return ("<p>Cooldown branches (<code>optim.schedule: wsd</code>; shaded in the figure): the release of each "
+            "increment, trained off the trunk, which the next increment continues from. Eval change: the release's "
+            "held-out loss minus the trunk's, mean over domains (negative: the cooldown helped).</p>"
+            + _table(["increment", "off trunk", "steps", "state", "tokens", "first loss", "last loss", "release",
+                      "eval change vs trunk"], rows, {0, 4, 5, 6, 8}))
+
+
 def _releases_table(releases: list[dict[str, Any]]) -> str:
     if not releases:
         return ('<div class="empty">No release yet: one is published behind the gate after every completed '
@@ -154,10 +191,11 @@ def _releases_table(releases: list[dict[str, Any]]) -> str:
     for r in list(reversed(releases))[:_LEDGER_ROWS]:
         verdict = _Raw('<span class="ok">released</span>') if r.get("released") else _Raw(
             '<span class="bad">not released</span>')
-        rows.append([r.get("release"), r.get("increment"), r.get("step"), verdict, "; ".join(r.get("reasons") or []),
-                     r.get("previous") or "-", r.get("latest") or "-", r.get("created")])
-    return _table(["release", "increment", "step", "gate", "reasons", "compared with", "latest after", "created"],
-                  rows, {1, 2}) + more
+        rows.append([r.get("release"), r.get("increment"), r.get("step"), release_source(r), verdict,
+                     "; ".join(r.get("reasons") or []), r.get("previous") or "-", r.get("latest") or "-",
+                     r.get("created")])
+    return _table(["release", "increment", "step", "weights", "gate", "reasons", "compared with", "latest after",
+                   "created"], rows, {1, 2}) + more
 
 
 def _skipped_table(training: dict[str, Any]) -> str:
@@ -195,6 +233,7 @@ def render_page(data: dict[str, Any], figures: dict[str, Figure | None]) -> str:
         _figure(figures["replay"], "No replay yet: replay.policy is 'none', or no step has mixed in replayed samples."),
         "</div>",
         _increments_table(data),
+        _cooldowns_table(data.get("cooldowns") or []),
         _skipped_table(data["training"]),
         "<h2>Evaluation and forgetting</h2>",
         '<div class="grid">',

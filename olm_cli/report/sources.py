@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from olm_cli.errors import OlmError
-from olm_cli.rundir.checkpoint import CheckpointManager, verify_checkpoint
+from olm_cli.rundir.checkpoint import CheckpointManager, step_of, verify_checkpoint
 from olm_cli.rundir.ledger import LEDGER_FILENAME, ShardLedger
+from olm_cli.rundir.schedule_status import PHASE, read_schedule_recipe, release_eval
 from olm_cli.rundir.status import collect_status, read_json_lines
 
 REPORT_FORMAT = 1
@@ -31,6 +32,7 @@ TRAINER_STATE = "trainer_state.json"
 # Points per series in the figures and in report.json: a run of months logs a line per step,
 # and a figure a few hundred pixels wide shows no more. Every increment keeps its last point.
 MAX_POINTS = 4000
+MAX_COOLDOWN_POINTS = 500  # per cooldown branch (its first and last points always kept)
 # The keys of an eval history row that are its coordinates or the held-out losses the matrix
 # already shows; every other number in a row (a downstream task's accuracy ...) is an extra metric.
 _HISTORY_COORDINATES = {"increment", "step", "time"}
@@ -53,17 +55,19 @@ def gather(run_dir: Path, *, previous: dict[str, Any] | None = None) -> dict[str
     status = collect_status(run_dir)
     problems.extend(status.get("problems", []))
     metrics = read_json_lines(run_dir / METRICS_FILE)
+    releases = read_json_lines(run_dir / "releases" / "history.jsonl")
     return {
         "format": REPORT_FORMAT,
         "run_dir": status["run_dir"],
         "status": {key: status.get(key) for key in ("increments", "shards", "tokens_trained", "last_checkpoint",
-                                                     "release", "lock")},
+                                                     "release", "lock", "schedule")},
         "training": training_series(metrics),
         "increments": increment_summary(metrics),
+        "cooldowns": cooldown_section(run_dir, metrics, releases, problems),
         "eval": eval_section(run_dir, problems),
         "ledger": ledger_section(run_dir, problems),
         "replay": replay_section(run_dir, metrics, previous, problems),
-        "releases": read_json_lines(run_dir / "releases" / "history.jsonl"),
+        "releases": releases,
         "problems": problems,
     }
 
@@ -90,12 +94,18 @@ def _thin(indices: list[int], increments: list[int], limit: int) -> list[int]:
     return sorted(keep)
 
 
+def trunk_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trunk's lines of ``metrics.jsonl``: a cooldown branch's (``"phase": "cooldown"``) are drawn apart."""
+    return [row for row in metrics if row.get("phase") is None]
+
+
 def training_series(metrics: list[dict[str, Any]], limit: int = MAX_POINTS) -> dict[str, Any]:
     """Loss, learning rate and tokens/s per logged step, and the steps whose batch was skipped.
 
     A skipped batch (non-finite loss or gradients) never reached the weights: it is listed with
     its reason, not drawn as a point of the loss curve.
     """
+    metrics = trunk_rows(metrics)
     steps = [row for row in metrics if not row.get("skipped") and isinstance(row.get("step"), int)]
     skipped = [{"step": row.get("step"), "increment": row.get("increment"), "reason": row.get("reason")}
                for row in metrics if row.get("skipped")]
@@ -116,7 +126,7 @@ def training_series(metrics: list[dict[str, Any]], limit: int = MAX_POINTS) -> d
 def increment_summary(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per increment seen in the metrics: steps, last loss, speed, replay share, skips."""
     by_increment: dict[int, list[dict[str, Any]]] = {}
-    for row in metrics:
+    for row in trunk_rows(metrics):
         if isinstance(row.get("increment"), int):
             by_increment.setdefault(int(row["increment"]), []).append(row)
     summary = []
@@ -141,6 +151,99 @@ def increment_summary(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "samples": samples,
         })
     return summary
+
+
+# --------------------------------------------------------------------------- cooldowns
+
+
+def _trunk_step(name: Any) -> int | None:
+    try:
+        return step_of(Path(str(name)))
+    except ValueError:
+        return None
+
+
+def _recipe_lr(recipe: dict[str, Any] | None, steps: int) -> list[float | None]:
+    """The branch's rate at each step, from the recipe (a run older than the branch's metrics lines)."""
+    from olm_cli.schedule import COOLDOWN_SHAPES, cooldown_multiplier
+
+    lr, shape, floor = (recipe or {}).get("lr"), (recipe or {}).get("cooldown_shape"), (recipe or {}).get("min_lr_ratio")
+    if not isinstance(lr, int | float) or shape not in COOLDOWN_SHAPES or not isinstance(floor, int | float):
+        return [None] * steps
+    return [float(lr) * cooldown_multiplier(i, steps, shape=shape, min_ratio=float(floor)) for i in range(steps)]
+
+
+def cooldown_section(run_dir: Path, metrics: list[dict[str, Any]], releases: list[dict[str, Any]],
+                     problems: list[str]) -> list[dict[str, Any]]:
+    """One entry per cooldown branch (``optim.schedule: wsd``): its span on the trunk's step axis and curves.
+
+    A branch of increment ``i`` starts at the trunk step ``g`` it branched off and runs ``n``
+    steps of its own, drawn at ``g + 1 .. g + n``. Its loss and rate come from its metrics lines;
+    for a run that logged none, its rate follows from the recipe (the schedule is a pure function)
+    and its loss is the first and last of ``cooldown-history.jsonl``. A branch with lines but no
+    history row is in progress, or was killed: ``complete`` is false and the span ends where it got.
+    """
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for row in metrics:
+        if row.get("phase") == PHASE and isinstance(row.get("increment"), int) and isinstance(row.get("cooldown_step"), int):
+            rows.setdefault(int(row["increment"]), []).append(row)
+    history: dict[int, dict[str, Any]] = {}
+    for row in read_json_lines(run_dir / "cooldown-history.jsonl"):
+        if isinstance(row.get("increment"), int):
+            history[int(row["increment"])] = row
+    if not rows and not history:
+        return []
+    recipe = read_schedule_recipe(run_dir, problems)
+    by_release = {int(r["increment"]): r for r in releases if isinstance(r.get("increment"), int)}
+    evaluations = read_json_lines(run_dir / HISTORY_FILE)
+    spans = []
+    for increment in sorted(set(rows) | set(history)):
+        logged = sorted(rows.get(increment, []), key=lambda r: int(r["cooldown_step"]))
+        done = history.get(increment)
+        trunk = (done or {}).get("trunk") or (logged[-1].get("trunk") if logged else None)
+        start = _trunk_step(trunk)
+        if start is None and logged and isinstance(logged[0].get("step"), int):
+            start = int(logged[0]["step"])
+        if start is None:
+            continue
+        steps = int((done or {}).get("steps") or (logged[-1].get("cooldown_steps") if logged else 0) or 0)
+        lr_source: str | None = "metrics"
+        if logged:
+            shown = [logged[i] for i in _thin(list(range(len(logged))), [0] * len(logged), MAX_COOLDOWN_POINTS)]
+            at = [int(r["cooldown_step"]) for r in shown]
+            losses, lrs = [_number(r.get("loss")) for r in shown], [_number(r.get("lr")) for r in shown]
+        else:
+            at, lrs = list(range(1, steps + 1)), _recipe_lr(recipe, steps)
+            ends = {1: (done or {}).get("first_loss"), steps: (done or {}).get("last_loss")}
+            losses = [_number(ends.get(k)) for k in at]
+            lr_source = "recipe" if any(v is not None for v in lrs) else None
+        reached = int((done or {}).get("step") or (logged[-1]["cooldown_step"] if logged else 0))
+        release = by_release.get(increment)
+        origin = (release or {}).get("origin") or {}
+        spans.append({
+            "increment": increment,
+            "trunk": trunk,
+            "from_step": start,
+            "to_step": start + reached,
+            "steps": steps,
+            "done_steps": reached,
+            "complete": done is not None,
+            "tokens": (done or {}).get("tokens", logged[-1].get("cooldown_tokens") if logged else None),
+            "seconds": (done or {}).get("seconds"),
+            "first_loss": _number((done or {}).get("first_loss", logged[0].get("loss") if logged else None)),
+            "last_loss": _number((done or {}).get("last_loss", logged[-1].get("loss") if logged else None)),
+            "lr_source": lr_source,
+            "step": [start + k for k in at],
+            "cooldown_step": at,
+            "loss": losses,
+            "lr": lrs,
+            "release": (release or {}).get("release"),
+            "released": (release or {}).get("released"),
+            "release_kind": origin.get("kind"),
+            "averaged": origin.get("averaged"),
+            "eval": release_eval(run_dir, release, increment, evaluations) if release else {},
+        })
+    return spans
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from olm_cli.rundir.lock import read_holder
 _TAIL_BLOCK = 8192
 
 
-def last_json_line(path: Path) -> dict[str, Any] | None:
-    """The last complete JSON object in a JSON-lines file, reading only its tail.
+def last_json_line(path: Path, accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+    """The last complete JSON object in a JSON-lines file (the last ``accept`` takes), reading only its tail.
 
     metrics.jsonl grows by a line per step for months; reading it whole to show one line
     would make ``olm status`` slow exactly on the runs that matter. A torn last line (a
@@ -50,7 +51,7 @@ def last_json_line(path: Path) -> dict[str, Any] | None:
             complete = lines if pos == 0 else lines[1:]
             for raw in reversed(complete):
                 value = _json_object(raw)
-                if value is not None:
+                if value is not None and (accept is None or accept(value)):
                     return value
             if len(buffer) > 64 * _TAIL_BLOCK and len(lines) > 2:
                 return None  # many lines and none parse: give up rather than read it all
@@ -125,6 +126,9 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
     releases = release_status(run_dir)
     problems.extend(releases["problems"])
 
+    from olm_cli.rundir.schedule_status import schedule_status
+
+    schedule = schedule_status(run_dir, choice.path, problems)
     holder = read_holder(run_dir)
     return {
         "run_dir": str(run_dir.resolve()),
@@ -136,6 +140,7 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
         "last_gate": releases["last_gate"],
         "last_eval": last_json_line(run_dir / "eval" / "history.jsonl"),
         "last_metrics": last_json_line(run_dir / "metrics.jsonl"),
+        "schedule": schedule,
         "lock": holder.to_dict() if holder else None,
         "problems": problems,
     }
@@ -159,6 +164,9 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[str, list[str]]]:
     ckpt = status.get("last_checkpoint")
     rows.append(("last checkpoint", [f"step {ckpt['step']} ({ckpt['created']})", escape(ckpt["path"])] if ckpt else ["none"]))
     rows.extend(_release_rows(status))
+    from olm_cli.rundir.schedule_status import schedule_rows
+
+    rows.extend(schedule_rows(status.get("schedule"), running=lock is not None))
     evaluation = status.get("last_eval")
     if evaluation:
         when = f"after increment {evaluation.get('increment')} (step {evaluation.get('step')})"
@@ -172,7 +180,8 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[str, list[str]]]:
     else:
         rows.append(("last eval", ["none"]))
     metrics = status.get("last_metrics")
-    shown = ("step", "increment", "loss", "lr", "tokens", "tokens_per_s", "domain", "batch_size")
+    shown = ("step", "increment", "phase", "cooldown_step", "loss", "lr", "tokens", "tokens_per_s", "domain",
+             "batch_size")
     rows.append((
         "last metrics",
         ["  ".join(f"{k}={_fmt(metrics[k])}" for k in shown if k in metrics) if metrics else "none"],
