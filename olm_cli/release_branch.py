@@ -92,9 +92,10 @@ def trunk_eval(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, say: Any)
     """The trunk's held-out loss per domain, to set a cooldown's or an average's release against.
 
     Measured only where the release itself is (``eval.after_increment`` with ``eval.sets``), on
-    the same tokens; nothing is recorded in the matrix, which holds the released models.
+    the same tokens, and only when a release will record it; nothing goes into the matrix,
+    which holds the released models.
     """
-    if not (recipe.eval.after_increment and recipe.eval.sets):
+    if not (recipe.release.enabled and recipe.eval.after_increment and recipe.eval.sets):
         return None
     from olm_cli.evaluation.domains import evaluate_domains
 
