@@ -163,6 +163,9 @@ def status(
 ) -> None:
     """Increments, shards per status, tokens, last checkpoint and eval, lock holder.
 
+    With optim.schedule wsd or release.merge sma: the schedule's phase, the trunk step against
+    the cooldown branch's, the last cooldown's release against the trunk, what an SMA averaged.
+
     Example: olm status --run runs/quickstart --json
     """
     from olm_cli.rundir import collect_status, render_status

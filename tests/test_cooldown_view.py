@@ -274,3 +274,17 @@ def test_a_complete_unreleased_increment_is_a_cooldown_not_started_then_a_releas
     view = _view(run)
     assert view is not None and view["phase"] == "release pending" and view["branch"] is None
     assert view["last_cooldown"]["release"] is None and view["last_cooldown"]["steps"] == 2
+
+
+def test_a_branch_without_metrics_lines_is_drawn_from_its_history_and_the_recipe(tmp_path: Path) -> None:
+    from olm_cli.report.sources import gather
+
+    optim = {"schedule": "wsd", "lr": LR, "warmup_steps": 2, "cooldown_shape": "sqrt", "min_lr_ratio": 0.1}
+    run = _run_dir(tmp_path, optim, metrics=[{"step": s, "increment": 1, "loss": 3.0, "lr": LR} for s in range(1, 9)])
+    (run / "cooldown-history.jsonl").write_text(json.dumps(
+        {"increment": 1, "trunk": "step-00000008", "steps": 4, "step": 4, "tokens": 128, "seconds": 0.2,
+         "first_loss": 3.1, "last_loss": 2.7}) + "\n", encoding="utf-8")
+    [span] = gather(run)["cooldowns"]
+    assert (span["from_step"], span["to_step"], span["complete"], span["lr_source"]) == (8, 12, True, "recipe")
+    assert span["step"] == [9, 10, 11, 12] and span["loss"] == [3.1, None, None, 2.7]
+    assert span["lr"] == pytest.approx(_branch_rates(4, 4))
