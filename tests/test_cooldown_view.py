@@ -30,6 +30,7 @@ from e2e_helpers import (
     weights,
 )
 from matplotlib import image as matplotlib_image
+from test_wsd import _StopAfter
 
 from olm_cli.rundir import CheckpointManager
 from olm_cli.rundir.schedule_status import schedule_status
@@ -68,21 +69,6 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def _branch_rates(steps: int, done: int) -> list[float]:
     return [LR * cooldown_multiplier(i, steps, shape="sqrt", min_ratio=0.1) for i in range(done)]
-
-
-class _StopAfter:
-    """A GracefulStop stand-in whose signal arrives before branch step ``steps + 1``."""
-
-    exit_code = 0
-
-    def __init__(self, steps: int) -> None:
-        self.checks = 0
-        self.steps = steps
-
-    @property
-    def requested(self) -> bool:
-        self.checks += 1
-        return self.checks > self.steps
 
 
 @pytest.mark.slow
@@ -288,3 +274,10 @@ def test_a_branch_without_metrics_lines_is_drawn_from_its_history_and_the_recipe
     assert (span["from_step"], span["to_step"], span["complete"], span["lr_source"]) == (8, 12, True, "recipe")
     assert span["step"] == [9, 10, 11, 12] and span["loss"] == [3.1, None, None, 2.7]
     assert span["lr"] == pytest.approx(_branch_rates(4, 4))
+
+
+def test_the_status_reader_names_the_branch_lines_as_the_branch_writes_them() -> None:
+    from olm_cli import cooldown
+    from olm_cli.rundir import schedule_status as reader
+
+    assert reader.PHASE == cooldown.PHASE == "cooldown"
