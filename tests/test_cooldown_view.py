@@ -281,3 +281,12 @@ def test_the_status_reader_names_the_branch_lines_as_the_branch_writes_them() ->
     from olm_cli.rundir import schedule_status as reader
 
     assert reader.PHASE == cooldown.PHASE == "cooldown"
+
+
+def test_a_hand_edited_history_is_shown_with_gaps_never_a_crash(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, {"schedule": "wsd", "warmup_steps": 2})
+    (run / "cooldown-history.jsonl").write_text(json.dumps({"increment": 1, "steps": 2, "tokens": None}) + "\n"
+                                                 + json.dumps({"increment": "two"}) + "\n", encoding="utf-8")
+    result = cli("status", "--run", run)
+    assert result.code == 0, result.text
+    assert "last cooldown: increment 1: 2 steps off -, - tokens, - s, train loss - → -; not released yet" in result.text

@@ -212,13 +212,18 @@ def _release_view(row: dict[str, Any] | None) -> dict[str, Any] | None:
             "kind": origin.get("kind", "trunk")}
 
 
+def _number(value: Any, fmt: str) -> str:
+    """``value`` formatted, or ``-`` where a hand-edited or older file lacks it."""
+    return format(value, fmt) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
 def _losses(table: dict[str, dict[str, float | None]]) -> str:
     parts = []
     for name, entry in table.items():
         mine, trunk, change = entry["release"], entry["trunk"], entry["change"]
-        text = f"{name} {mine:.4f}" if mine is not None else f"{name} -"
+        text = f"{name} {_number(mine, '.4f')}"
         if trunk is not None:
-            text += f" (trunk {trunk:.4f}" + (f", {change:+.4f})" if change is not None else ")")
+            text += f" (trunk {_number(trunk, '.4f')}" + (f", {change:+.4f})" if change is not None else ")")
         parts.append(text)
     return "  ".join(parts)
 
@@ -257,10 +262,10 @@ def schedule_rows(view: dict[str, Any] | None, running: bool) -> list[tuple[str,
         release = last["release"]
         verdict = "not released yet" if release is None else (
             f"{release['name']} released" if release["released"] else f"{release['name']} [red]not released[/]")
-        first, final = last.get("first_loss"), last.get("last_loss")
-        losses = f", train loss {first:.4f} → {final:.4f}" if first is not None and final is not None else ""
-        lines = [f"increment {last['increment']}: {last['steps']} steps off {last['trunk']}, "
-                 f"{last['tokens']:,} tokens, {last['seconds']:.1f} s{losses}; {verdict}"]
+        losses = f", train loss {_number(last.get('first_loss'), '.4f')} → {_number(last.get('last_loss'), '.4f')}"
+        lines = [f"increment {last['increment']}: {last['steps']} steps off {last['trunk'] or '-'}, "
+                 f"{_number(last.get('tokens'), ',')} tokens, {_number(last.get('seconds'), '.1f')} s{losses}; "
+                 f"{verdict}"]
         if last["eval"]:
             lines.append(f"eval: {_losses(last['eval'])}")
         rows.append(("last cooldown", lines))

@@ -128,7 +128,11 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
 
     from olm_cli.rundir.schedule_status import schedule_status
 
-    schedule = schedule_status(run_dir, choice.path, problems)
+    try:
+        schedule = schedule_status(run_dir, choice.path, problems)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a hand-edited log: a problem line, not a crash
+        schedule = None
+        problems.append(f"the schedule's files cannot be read ({type(exc).__name__}: {exc}); the schedule is not shown")
     holder = read_holder(run_dir)
     return {
         "run_dir": str(run_dir.resolve()),
