@@ -68,7 +68,7 @@ FULL: dict[str, Any] = {
     "lr": 3e-3,
     "warmup": 20,              # the base's warm-up
     "continual_warmup": 5,     # each continual increment's (about a quarter of its steps)
-    "base_epochs": 5,
+    "base_epochs": 8,
     "eval_max_tokens": 8_000,
 }
 QUICK: dict[str, Any] = {
@@ -79,7 +79,7 @@ QUICK: dict[str, Any] = {
     "base_epochs": 2,
     "eval_max_tokens": 4_000,
 }
-QUICK_ARMS = "naive,replay25,wsd_cooldown,union"
+QUICK_ARMS = "naive,replay25,wsd_equal,union"
 # The base must be at least this far below the unigram entropy of its training text (nats/token).
 BASE_GAP_TARGET = 1.5
 
@@ -92,6 +92,13 @@ class Arm:
     label: str
     overrides: dict[str, Any] = field(default_factory=dict)
     union: bool = False
+    # WSD at naive's compute: each increment's trunk gets a step budget so that trunk + cooldown
+    # train as many steps as naive's increment did (the new data left over is carried onward).
+    equal_compute: bool = False
+    # A new run directory whose model is the base's release (instead of a copy of the base's run
+    # directory): ``replay.seed_from`` only seeds a brand-new run, and the base's buffer of real
+    # text must not be there when the replay is meant to be the model's own samples.
+    from_release: bool = False
 
     @property
     def uses_replay(self) -> bool:
@@ -107,6 +114,9 @@ def _replay(ratio: float, **extra: Any) -> dict[str, Any]:
 # the constant-LR trunk (Li et al. 2025, arXiv 2505.12082). The SMA arm writes a checkpoint every
 # 4 steps so that K checkpoints exist within one increment.
 _WSD = {"optim.schedule": "wsd", "optim.cooldown_fraction": 0.2}
+# Self-generated replay: the base's own unconditional samples, one block each, stand in for the
+# pre-training text a user of a pretrained model does not have.
+_GENERATE = {"samples": 256, "max_new_tokens": 64, "temperature": 1.0, "top_p": 0.95, "batch_size": 32}
 _SMA = {"optim.schedule": "wsd", "release.merge": "sma", "release.merge_last": 4,
         "run.checkpoint_every": 4, "run.keep_checkpoints": 4}
 
@@ -118,15 +128,18 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("replay5_displace", "replay 5% (displace)", _replay(0.05, **{"replay.mode": "displace"})),
     Arm("replay25_displace", "replay 25% (displace)", _replay(0.25, **{"replay.mode": "displace"})),
     Arm("replay50_displace", "replay 50% (displace)", _replay(0.50, **{"replay.mode": "displace"})),
-    Arm("wsd_cooldown", "WSD + cooldown 20%", dict(_WSD)),
+    Arm("wsd_cooldown", "WSD + cooldown 20% (on top)", dict(_WSD)),
+    Arm("wsd_equal", "WSD + cooldown 20%, naive's compute", dict(_WSD), equal_compute=True),
     Arm("wsd_sma", "WSD + SMA of last 4 (+ cooldown)", dict(_SMA)),
     Arm("const_sma", "constant LR + SMA of last 4", {**_SMA, "optim.schedule": "constant"}),
     Arm("lwf", "replay 25% + LwF", _replay(0.25, **{"distill.method": "lwf"})),
     Arm("reptile", "Reptile meta-update", {"optim.meta": {"method": "reptile"}}),
-    # The combination proposed as the recipe to use (configs/forgetting-scratch.yaml): replay that
-    # keeps the increment's budget, the cooled release, and LwF on the new text.
-    Arm("best", "best: replay 25% displace + WSD cooldown + LwF",
-        _replay(0.25, **{"replay.mode": "displace", "distill.method": "lwf"}, **_WSD)),
+    Arm("selfgen", "replay 25% of self-generated samples",
+        _replay(0.25, **{"replay.seed_from": "generate", "replay.generate": dict(_GENERATE)}), from_release=True),
+    Arm("lwf_displace25", "replay 25% (displace) + LwF", _replay(0.25, **{"replay.mode": "displace", "distill.method": "lwf"})),
+    # The combination aimed at the union targets (configs/forgetting-scratch.yaml): replay that
+    # keeps naive's step budget, and LwF on the new text.
+    Arm("best", "best: replay 50% (displace) + LwF", _replay(0.50, **{"replay.mode": "displace", "distill.method": "lwf"})),
     Arm("union", "union retraining", union=True),
 ]}
 
@@ -219,6 +232,19 @@ def unigram_entropy(token_ids: list[list[int]], eos_id: int) -> float:
         counts[eos_id] += 1
     total = sum(counts.values())
     return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def equal_compute_trunk_steps(naive_steps: int, cooldown_fraction: float) -> int:
+    """The most trunk steps ``T`` whose cooldown branch (``max(1, round(T * fraction))`` steps, as
+    :func:`olm_cli.schedule.cooldown_steps` sizes it) still fits with them in ``naive_steps``."""
+    from olm_cli.schedule import cooldown_steps
+
+    trunk = max(1, math.floor(naive_steps / (1 + cooldown_fraction)))
+    while trunk > 1 and trunk + cooldown_steps(trunk, cooldown_fraction) > naive_steps:
+        trunk -= 1
+    while trunk + 1 + cooldown_steps(trunk + 1, cooldown_fraction) <= naive_steps:
+        trunk += 1
+    return trunk
 
 
 def cooldown_tokens(run_dir: Path, increment: int) -> int:
@@ -373,13 +399,13 @@ def check_targets(agg: dict[str, dict[str, Any]], base: list[dict[str, float]], 
     # The literature's claim (arXiv 2503.02844): at equal compute, WSD's cooled releases beat
     # re-warmed cosine. Compute is only equal when the cooldown's tokens are within 5% of naive's.
     add("WSD + cooldown beats repeated cosine (mean loss and forgetting) at equal compute (within 5%)",
-        ("naive", "wsd_cooldown"),
-        lambda: (get("wsd_cooldown", "mean_loss") < get("naive", "mean_loss")
-                 and get("wsd_cooldown", "mean_forgetting") < get("naive", "mean_forgetting")
-                 and abs(get("wsd_cooldown", "compute_vs_naive") - 1) <= 0.05),
-        lambda: (f"mean loss {get('wsd_cooldown', 'mean_loss'):.4f} vs {get('naive', 'mean_loss'):.4f}, forgetting "
-                 f"{get('wsd_cooldown', 'mean_forgetting'):+.4f} vs {get('naive', 'mean_forgetting'):+.4f}, compute "
-                 f"{get('wsd_cooldown', 'compute_vs_naive'):.3f}x naive"))
+        ("naive", "wsd_equal"),
+        lambda: (get("wsd_equal", "mean_loss") < get("naive", "mean_loss")
+                 and get("wsd_equal", "mean_forgetting") < get("naive", "mean_forgetting")
+                 and abs(get("wsd_equal", "compute_vs_naive") - 1) <= 0.05),
+        lambda: (f"mean loss {get('wsd_equal', 'mean_loss'):.4f} vs {get('naive', 'mean_loss'):.4f}, forgetting "
+                 f"{get('wsd_equal', 'mean_forgetting'):+.4f} vs {get('naive', 'mean_forgetting'):+.4f}, compute "
+                 f"{get('wsd_equal', 'compute_vs_naive'):.3f}x naive"))
     return out
 
 
@@ -473,6 +499,17 @@ def docs_section(agg: dict[str, dict[str, Any]], domains: list[str], targets: li
 # ---------------------------------------------------------------------------- running
 
 
+def latest_release(run_dir: Path) -> Path:
+    """The run's newest release folder (what serving loads); an error if there is none or the gate refused it."""
+    releases = sorted(p for p in (run_dir / "releases").glob("release-*") if p.is_dir())
+    if not releases:
+        raise RuntimeError(f"{run_dir}: the increment wrote no release")
+    info = json.loads((releases[-1] / "release.json").read_text(encoding="utf-8"))
+    if not info.get("released", True):
+        raise RuntimeError(f"{releases[-1]}: release refused by the gate: {info.get('reasons')}")
+    return releases[-1]
+
+
 class Bench:
     """Builds the shared data and tokenizer, the base model per seed, then runs each arm."""
 
@@ -480,6 +517,7 @@ class Bench:
         self.work = work
         self.settings = settings
         self.say = say
+        self.naive_steps: dict[tuple[int, str], int] = {}  # (seed, domain) -> naive's increment steps
         self.manifest = build_data(work, settings)
         self.domains = [d["name"] for d in self.manifest["domains"]]
         self.eval_sets = {d["name"]: d["eval"] for d in self.manifest["domains"]}
@@ -529,14 +567,7 @@ class Bench:
         """The held-out losses of the run's newest release: what serving would load."""
         from transformers import AutoModelForCausalLM
 
-        releases = sorted(p for p in (run_dir / "releases").glob("release-*") if p.is_dir())
-        if not releases:
-            raise RuntimeError(f"{run_dir}: the increment wrote no release")
-        info = json.loads((releases[-1] / "release.json").read_text(encoding="utf-8"))
-        if not info.get("released", True):
-            raise RuntimeError(f"{releases[-1]}: release refused by the gate: {info.get('reasons')}")
-        model = AutoModelForCausalLM.from_pretrained(releases[-1])
-        return self.evaluate(model)
+        return self.evaluate(AutoModelForCausalLM.from_pretrained(latest_release(run_dir)))
 
     def start_losses(self, seed: int) -> dict[str, float]:
         """Row 0 of every matrix: the randomly initialised model the pre-training starts from."""
@@ -595,14 +626,25 @@ class Bench:
                 if i == 2:
                     for stale in (run_dir, stream):  # a reused --work starts over
                         shutil.rmtree(stale, ignore_errors=True)
-                    shutil.copytree(pretrain_dir, run_dir, symlinks=True)
+                    if not arm.from_release:
+                        shutil.copytree(pretrain_dir, run_dir, symlinks=True)
                 # Each seed sees the new domain's documents in its own order.
                 docs = list(self.docs[domain])
                 random.Random(f"{seed}:{domain}").shuffle(docs)
                 write_shard(stream / f"{i - 1:02d}-{domain}" / "shard.jsonl", docs)
             recipe = arm_recipe(self.base(seed, run_dir, ""), arm, run_dir=run_dir, shards=str(stream / "*" / "*.jsonl"),
                                 warmup=self.settings["continual_warmup"])
+            if arm.from_release:
+                recipe["model"] = {"init": "pretrained", "name_or_path": str(latest_release(pretrain_dir)),
+                                   "tokenizer": str(self.tokenizer_dir)}
+            if arm.equal_compute:
+                if (seed, domain) not in self.naive_steps:
+                    raise RuntimeError(f"{arm.name}: its step budget is naive's; run naive first (--arms naive,{arm.name})")
+                recipe["run"]["max_steps"] = equal_compute_trunk_steps(self.naive_steps[seed, domain],
+                                                                       recipe["optim"]["cooldown_fraction"])
             outcome = self._train(recipe)
+            if arm.name == "naive":
+                self.naive_steps[seed, domain] = outcome.steps
             compute += outcome.tokens
             matrix.add_row(f"inc {i}", domain, self.evaluate_release(run_dir))
             self.say(f"seed {seed}: {arm.name} through {domain}: {outcome.steps} steps, {outcome.tokens:,} tokens "
@@ -631,12 +673,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reuse-base", action="store_true",
                         help="with --work: evaluate a base already trained there instead of training it again")
     parser.add_argument("--markdown", action="store_true", help="also print the table and targets as markdown")
+    parser.add_argument("--base-only", action="store_true",
+                        help="train (or with --reuse-base evaluate) the base and print its gap to the unigram entropy; no arms")
     args = parser.parse_args(argv)
     args.arms = args.arms or (QUICK_ARMS if args.quick else ",".join(ARMS))
     args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    needs_naive = [a for a in args.arms.split(",") if a in ARMS and ARMS[a].equal_compute]
+    if needs_naive and "naive" not in args.arms.split(","):
+        parser.error(f"{', '.join(needs_naive)} take naive's step budget: add naive to --arms")
     if args.best not in ARMS:
         parser.error(f"--best {args.best!r} is not an arm; choose from {', '.join(ARMS)}")
     try:
@@ -755,6 +802,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 pretrain, base_losses = bench.pretrain(seed, reuse=args.reuse_base)
                 base.append({"seed": seed, "domain": first, "loss": base_losses[first],
                              "unigram_entropy": bench.unigram[first]})
+            if args.base_only:
+                continue
             for name in runnable:
                 per_seed[name].append(bench.run_arm(ARMS[name], seed, pretrain, start, base_losses))
                 if args.out:  # partial results survive an interrupted run

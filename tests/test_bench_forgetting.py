@@ -128,7 +128,7 @@ def test_aggregate_ratios_and_targets(bench) -> None:
         "replay5": _run(0.8, 3.0, 3.9, 100),
         "replay25": _run(0.3, 3.05, 3.7, 133, spread=0.1),
         "replay50": _run(0.1, 3.2, 3.52, 200),
-        "wsd_cooldown": _run(0.9, 2.9, 3.9, 104),
+        "wsd_equal": _run(0.9, 2.9, 3.9, 100),
         "union": _run(0.05, 3.0, 3.5, 500),
         "best": _run(0.15, 3.03, 3.53, 120),
     }
@@ -145,7 +145,7 @@ def test_aggregate_ratios_and_targets(bench) -> None:
     assert "gap 1.600" in targets[0]["detail"]
 
     per_seed["best"] = _run(0.15, 3.2, 3.56, 300)  # new-domain loss +6.7%, 1.017x union, 0.6x its compute
-    per_seed["wsd_cooldown"] = _run(0.9, 2.9, 3.9, 120)  # better, but at 1.2x naive's compute
+    per_seed["wsd_equal"] = _run(0.9, 2.9, 3.9, 120)  # better, but at 1.2x naive's compute
     base = BASE + [{"seed": 2, "loss": 3.6, "unigram_entropy": 5.0}]  # gap 1.4 < 1.5
     targets = bench.check_targets(bench.aggregate(per_seed), base, {})
     assert [t["result"] for t in targets] == ["FAIL", "PASS", "FAIL", "FAIL", "FAIL", "PASS", "FAIL"]
@@ -172,7 +172,7 @@ def test_table_lists_skipped_arms_and_the_docs_section(bench) -> None:
     header, rows = bench.table_rows(agg, ["code", "prose", "drama"], skipped)
     assert all(len(r) == len(header) for r in rows)
     assert rows[0][0] == "naive cosine" and rows[1][-1] == "1.000" and rows[0][-1] == "0.333"
-    assert rows[2][:2] == ["WSD + cooldown 20%", "skipped: needs optim.schedule=wsd"]
+    assert rows[2][:2] == ["WSD + cooldown 20% (on top)", "skipped: needs optim.schedule=wsd"]
     meta = {"command": "python scripts/bench_forgetting.py", "date": "2030-01-01", "minutes": 1.0, "seeds": [0],
             "settings": bench.FULL}
     section = bench.docs_section(agg, ["code", "prose", "drama"], bench.check_targets(agg, BASE, skipped), skipped, meta)
@@ -212,3 +212,43 @@ def test_cooldown_tokens_count_only_that_increments_branch(bench, tmp_path: Path
     (tmp_path / "cooldown-history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert bench.cooldown_tokens(tmp_path, 2) == 5120 and bench.cooldown_tokens(tmp_path, 3) == 4096
     assert bench.cooldown_tokens(tmp_path, 4) == 0
+
+
+def test_equal_compute_trunk_fills_naive_steps_with_its_cooldown(bench) -> None:
+    from olm_cli.schedule import cooldown_steps
+
+    for naive in (3, 5, 7, 12, 23, 24, 25, 30, 97):
+        trunk = bench.equal_compute_trunk_steps(naive, 0.2)
+        assert trunk + cooldown_steps(trunk, 0.2) <= naive  # never more compute than naive
+        assert trunk + 1 + cooldown_steps(trunk + 1, 0.2) > naive  # and the largest trunk that fits
+    assert bench.equal_compute_trunk_steps(24, 0.2) == 20  # 20 trunk + 4 cooldown
+    assert bench.equal_compute_trunk_steps(1, 0.2) == 1  # the floor: one trunk step (and its one cooldown step)
+
+
+def test_new_arms_plan_as_valid_recipes(bench, tmp_path: Path) -> None:
+    base = _base(bench, tmp_path)
+    runnable, skipped = bench.plan_arms(["naive", "wsd_equal", "selfgen", "reptile", "replay5_displace",
+                                         "replay50_displace", "best"], bench.FULL)
+    assert not skipped, skipped
+    selfgen = recipe_from_dict(bench.arm_recipe(base, bench.ARMS["selfgen"], run_dir=tmp_path / "s", shards="x/*"))
+    assert selfgen.replay.seed_from == "generate" and selfgen.replay.generate.samples == 256
+    assert bench.ARMS["selfgen"].from_release and not bench.ARMS["naive"].from_release
+    wsd = recipe_from_dict(bench.arm_recipe(base, bench.ARMS["wsd_equal"], run_dir=tmp_path / "w", shards="x/*"))
+    assert wsd.optim.schedule == "wsd" and bench.ARMS["wsd_equal"].equal_compute
+    best = recipe_from_dict(bench.arm_recipe(base, bench.ARMS["best"], run_dir=tmp_path / "b", shards="x/*"))
+    assert best.replay.mode == "displace" and best.distill.method == "lwf"
+    reptile = recipe_from_dict(bench.arm_recipe(base, bench.ARMS["reptile"], run_dir=tmp_path / "r", shards="x/*"))
+    assert reptile.optim.meta.method == "reptile"
+
+
+def test_an_equal_compute_arm_needs_naive(bench) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--arms", "wsd_equal"])
+    assert bench.parse_args(["--arms", "naive,wsd_equal"]).arms == "naive,wsd_equal"
+
+
+def test_list_arms_names_every_arm(bench, capsys) -> None:
+    assert bench.main(["--list-arms"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(bench.ARMS)
+    assert all(" runs " in line for line in lines)  # every key the benchmark uses is known to this olm
