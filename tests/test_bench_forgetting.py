@@ -183,7 +183,8 @@ def test_parse_args_defaults_and_errors(bench) -> None:
     quick = bench.parse_args(["--quick"])
     assert quick.seeds == "0" and quick.arms == bench.QUICK_ARMS
     full = bench.parse_args([])
-    assert full.seeds == "0,1,2" and full.arms.split(",") == list(bench.ARMS)
+    assert full.seeds == "0,1,2" and full.arms.split(",") == [n for n, a in bench.ARMS.items() if a.default]
+    assert "const_sma" not in full.arms.split(",") and "naive" in full.arms.split(",")
     with pytest.raises(SystemExit):
         bench.parse_args(["--arms", "naive,nope"])
     with pytest.raises(SystemExit):
@@ -252,3 +253,4 @@ def test_list_arms_names_every_arm(bench, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(bench.ARMS)
     assert all(" runs " in line for line in lines)  # every key the benchmark uses is known to this olm
+    assert [line.split()[0] for line in lines if "(only by name)" in line] == ["wsd_cooldown", "const_sma", "lwf_displace15", "lwf_add10"]
