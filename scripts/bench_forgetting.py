@@ -28,6 +28,7 @@ compute is the sum of those retrainings. Compute is counted as tokens trained af
     python scripts/bench_forgetting.py --arms naive,replay25,union --seeds 0
     python scripts/bench_forgetting.py --json > results.json   # one JSON object on stdout, progress on stderr
     python scripts/bench_forgetting.py --list-arms             # every arm, its overrides, runnable or not
+    python scripts/bench_forgetting.py --base-only --seeds 0 --work W   # the base alone and its gap
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ FULL: dict[str, Any] = {
     "lr": 3e-3,
     "warmup": 20,              # the base's warm-up
     "continual_warmup": 5,     # each continual increment's (about a quarter of its steps)
-    "base_epochs": 8,
+    "base_epochs": 8,          # 1,568 steps: held-out code 3.71 vs unigram 5.37 (5 epochs: gap 1.43)
     "eval_max_tokens": 8_000,
 }
 QUICK: dict[str, Any] = {
@@ -280,7 +281,7 @@ def build_data(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_docs(paths: list[str]) -> list[str]:
-    docs = []
+    docs: list[str] = []
     for path in paths:
         with open(path, encoding="utf-8") as handle:
             docs.extend(json.loads(line)["text"] for line in handle if line.strip())
@@ -303,7 +304,10 @@ def run_measures(matrix: ContinualMatrix, compute_tokens: int, seconds: float) -
     final = len(matrix.rows) - 1
     new_domains = [d for d in dict.fromkeys(matrix.trained_domain_per_row[2:]) if d]
     # Plasticity: the loss on each continual domain right after the increment that trained it.
-    new_loss = statistics.fmean(matrix.value(matrix.trained_rows(d)[-1], d) for d in new_domains)
+    right_after = {d: matrix.value(matrix.trained_rows(d)[-1], d) for d in new_domains}
+    if any(v is None for v in right_after.values()):
+        raise RuntimeError(f"a continual domain was not evaluated after its increment: {right_after}")
+    new_loss = statistics.fmean(v for v in right_after.values() if v is not None)
     return {
         "final": {d: matrix.value(final, d) for d in matrix.domains},
         "forgetting": dict(summary["forgetting"]),
