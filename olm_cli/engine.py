@@ -35,14 +35,20 @@ import transformers
 
 from olm_cli.batching import StepStats
 from olm_cli.checkpoint_snapshot import TrainingSnapshot, host_copy
-from olm_cli.data import BlockStream, discover_shards, is_dataset_source, rebase_position
+from olm_cli.data import (
+    BlockStream,
+    discover_shards,
+    is_dataset_source,
+    lane_positions,
+    rebase_position,
+)
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
 from olm_cli.distributed.sharding import gradient_sync, is_sharded, nonfinite_parameters, replicated
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
-from olm_cli.pipeline import ShuffleStream, build_training_stream, json_position
+from olm_cli.pipeline import PrefetchStream, ShuffleStream, json_position
 from olm_cli.recipe import Recipe
 from olm_cli.regularize.anchor import legacy_state
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
@@ -340,13 +346,21 @@ class Trainer:
         It quarantines the rest of a shard at a bad record (the ledger is told). The counting,
         consolidation and replay-seed streams stay plain :meth:`_make_stream` ones.
         """
+        from olm_cli.data.lanes import LaneStream, lane_exchange
+
         data = self.recipe.data
-        return build_training_stream(
-            self._make_stream(bad_records="quarantine"),
-            replica=functools.partial(self._make_stream, bad_records="quarantine"),
-            step_blocks=math.ceil(self._new_blocks_per_step()), prefetch_steps=data.prefetch,
-            shuffle_buffer=data.shuffle_buffer, seed=[self.recipe.run.seed, self.state.increment],
-        )
+        exchange = lane_exchange()  # made once: under several processes, a gloo group of its own
+        # Ranks read disjoint lanes of the plan (data.lanes; olm_cli/data/lanes.py), each lane read ahead.
+        self.lanes = LaneStream(self.shard_plan, self._make_lane, exchange=exchange,
+                                lanes=exchange.world if data.lanes == "auto" else data.lanes)
+        return ShuffleStream(self.lanes, size=data.shuffle_buffer, seed=[self.recipe.run.seed, self.state.increment])
+
+    def _make_lane(self, shards: list[Path], lanes: int) -> PrefetchStream:
+        """One lane of the training stream, read ahead by its own worker (a step's share of blocks a chunk)."""
+        return PrefetchStream(self._make_stream(shards, bad_records="quarantine"),
+                              replica=functools.partial(self._make_stream, shards, bad_records="quarantine"),
+                              chunk_blocks=max(1, math.ceil(self._new_blocks_per_step() / lanes)),
+                              depth=self.recipe.data.prefetch)
 
     def _make_stream(self, shards: list[Path] | None = None, *, bad_records: str = "raise") -> BlockStream:
         """A block stream over ``shards`` (default: this increment's plan) with the recipe's data settings."""
@@ -415,13 +429,14 @@ class Trainer:
     def _count_blocks(self) -> float:
         """Read a ``datasets`` source once to count its blocks (it has no byte size to estimate from)."""
         self._say("counting the blocks of this increment to plan its schedule")
-        counter = self._make_stream()
-        counter.load_state_dict(self.stream.state_dict())
         blocks = 0
-        while chunk := counter.take(1024):
-            blocks += len(chunk)
-            if self.stop is not None and self.stop.requested:
-                break  # train() stops before the first step; the estimate no longer matters
+        for lane in lane_positions(self.stream.state_dict()):
+            counter = self._make_stream([Path(s) for s in lane["shards"]])
+            counter.load_state_dict(lane)
+            while chunk := counter.take(1024):
+                blocks += len(chunk)
+                if self.stop is not None and self.stop.requested:
+                    return float(blocks)  # train() stops before the first step; the estimate no longer matters
         return float(blocks)
 
     def _correct_horizon(self) -> None:
@@ -795,6 +810,9 @@ class Trainer:
     def _finish_increment(self) -> TrainOutcome:
         self.stream.at_end()  # close a shard whose last block was the last one trained
         self._mark_finished_shards()
+        reading = self.lanes.reading_summary()  # a collective: which rank read which lanes
+        if reading is not None:
+            self._say(reading)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.meta.end_increment(unwrapped)  # the last, shorter Reptile window
         self.regularizer.end_increment(unwrapped, self._consolidation_data)
@@ -927,9 +945,11 @@ class Trainer:
         path = self.checkpoints.root / checkpoint_name(step)
         # FSDP/DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
         full_state_dict = self._gathered_weights()
+        # Every rank: the lanes' positions are gathered from the ranks that read them (a collective).
+        stream_position = self.stream.state_dict()
         if accelerator.is_main_process:
             self.state.increment_complete = complete
-            self.stream_position = self.stream.state_dict()  # in parts: it may hold the shuffle buffer's arrays
+            self.stream_position = stream_position  # in parts: it may hold the shuffle buffer's arrays
             self.state.stream = json_position(self.stream_position)  # for the torch-free planner
             self.state.ledger = self.ledger.state_dict()
             self.state.shard_plan = [str(p) for p in self.shard_plan]

@@ -128,6 +128,18 @@ class DataConfig(Section):
         description="Blocks held in a shuffle buffer; each block trained is drawn at random from it (seeded by run.seed and the increment, checkpointed), so a batch mixes documents, shards and domains of the increment. A shard is done once none of its blocks is left in the buffer; the buffer drains at the end of the data. 0: off, blocks in reading order.",
     )
 
+    lanes: int | Literal["auto"] = Field(
+        "auto",
+        description="Lanes the increment's shards are split into (by bytes); with several processes each rank reads, tokenises and packs only its lanes (lane l on rank l % N) and the blocks are exchanged, so the data work is split while every step trains the blocks one process would. The blocks trained depend on the lane count, not on the number of processes. `auto`: one lane per process when the increment begins. A resumed increment, and data carried to the next one, keep their count. See docs/distributed.md.",
+    )
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or `auto`")
+        return value
+
     @field_validator("domain_pattern")
     @classmethod
     def _pattern_has_domain_group(cls, value: str) -> str:

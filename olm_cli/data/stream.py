@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 LONG_DOCUMENT_POLICIES = ("split", "skip")
 BAD_RECORD_POLICIES = ("raise", "quarantine")
 STREAM_FORMAT = 2
+# A position split into lanes (olm_cli/data/lanes.py): one BlockStream position per lane.
+LANES_FORMAT = "lanes/1"
 
 
 @dataclass
@@ -98,6 +100,30 @@ def shard_bytes(path: Path) -> int:
         return size
     except OSError:
         return 0
+
+
+def assign_lanes(shards: Sequence[Path | str], lanes: int, loads: Sequence[int] | None = None) -> list[list[str]]:
+    """Split an increment's shards into ``lanes`` lanes of about equal bytes (olm_cli/data/lanes.py).
+
+    Greedy, largest shard first (ties in plan order), each to the lane holding the fewest bytes,
+    then the fewest shards, then the lowest index; ``loads`` are bytes a lane holds already (a
+    carried lane's unread shards). A lane keeps its shards in plan order. Only file sizes and
+    the plan decide, never the world size, so every rank and every later run computes the same
+    split. A ``datasets`` source has no size: it is one shard, placed by the shard count.
+    """
+    if lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
+    names = [str(s) for s in shards]
+    sizes = [shard_bytes(Path(name)) for name in names]
+    totals = list(loads) if loads is not None else [0] * lanes
+    counts = [0] * lanes
+    chosen: list[list[int]] = [[] for _ in range(lanes)]
+    for index in sorted(range(len(names)), key=lambda i: (-sizes[i], i)):
+        lane = min(range(lanes), key=lambda lane: (totals[lane], counts[lane], lane))
+        chosen[lane].append(index)
+        totals[lane] += sizes[index]
+        counts[lane] += 1
+    return [[names[i] for i in sorted(indices)] for indices in chosen]
 
 
 class BlockStream:
@@ -584,6 +610,8 @@ def position_unread_shards(state: dict[str, Any]) -> list[str]:
     start with shards whose last tokens are trained already: a plan re-lists them, and the
     engine does not reopen a shard the ledger has finished.
     """
+    if is_lane_position(state):  # every lane's, lane by lane
+        return list(dict.fromkeys(shard for lane in lane_positions(state) for shard in position_unread_shards(lane)))
     index = int(state["unit"]["shard_index"]) if state.get("format") == STREAM_FORMAT else int(state["shard_index"])
     return [str(s) for s in state["shards"][index:]]
 
@@ -597,6 +625,8 @@ def position_owned_shards(state: dict[str, Any]) -> list[str]:
     them, yet a tail can wait in its domain's carry for several increments while new data reaches
     only other domains: planned afresh from the ledger, such a shard would be trained twice.
     """
+    if is_lane_position(state):
+        return list(dict.fromkeys(shard for lane in lane_positions(state) for shard in position_owned_shards(lane)))
     if state.get("format") != STREAM_FORMAT:  # olm 0.2: shards read to their end, blocks cut from them
         held = [*state.get("finished_pending", []), *(block["shard"] for block in state.get("pending", []))]
     else:
@@ -613,6 +643,8 @@ def position_has_work(state: dict[str, Any] | None) -> bool:
         return False
     if (state.get("shuffle") or {}).get("buffered"):
         return True  # blocks waiting in the training stream's shuffle buffer (olm_cli/pipeline.py)
+    if is_lane_position(state):
+        return any(position_has_work(lane) for lane in lane_positions(state))
     if state.get("format") != STREAM_FORMAT:
         return bool(position_unread_shards(state) or state.get("pending"))
     unit = state["unit"]
@@ -630,7 +662,20 @@ def rebase_position(state: dict[str, Any], plan: Sequence[Path]) -> dict[str, An
     the shuffle buffer), the unit is marked to flush first again, or its replay would cut other
     blocks from the new data and drop those as handed out (tokens lost, others trained twice).
     With none handed out, the carry simply continues into the new data.
+
+    A position in lanes rebases every lane onto its own unread shards plus the plan's other
+    shards, dealt to the lanes by :func:`assign_lanes` counting the bytes each lane still has
+    to read; the lane count and the lanes' rotation stay as they were.
     """
+    if is_lane_position(state):
+        lanes = lane_positions(state)
+        unread = [position_unread_shards(lane) for lane in lanes]
+        carried = {shard for shards in unread for shard in shards}
+        loads = [sum(shard_bytes(Path(shard)) for shard in shards) for shards in unread]
+        new = assign_lanes([p for p in plan if str(p) not in carried], len(lanes), loads)
+        rebased = [rebase_position(lane, [Path(s) for s in [*own, *more]])
+                   for lane, own, more in zip(lanes, unread, new, strict=True)]
+        return {**state, "shards": [str(p) for p in plan], "lanes": rebased}
     if state.get("format") != STREAM_FORMAT:
         state = _from_legacy_position(state)
     unit = dict(state["unit"])
@@ -639,6 +684,16 @@ def rebase_position(state: dict[str, Any], plan: Sequence[Path]) -> dict[str, An
         unit["flush"] = True
     unit["shard_index"] = 0
     return {**state, "shards": [str(p) for p in plan], "unit": unit}
+
+
+def is_lane_position(state: dict[str, Any] | None) -> bool:
+    """Whether a saved position is split into lanes (more than one; one lane is saved plain)."""
+    return bool(state) and isinstance(state, dict) and isinstance(state.get("lanes"), list)
+
+
+def lane_positions(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plain :class:`BlockStream` positions of a saved position, one per lane (one for a plain one)."""
+    return [dict(lane) for lane in state["lanes"]] if is_lane_position(state) else [state]
 
 
 def read_blocks(
