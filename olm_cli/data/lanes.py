@@ -293,7 +293,8 @@ class LaneStream:
         for lane, stream in self._lanes.items():
             count = asked.get(lane, 0)
             blocks = stream.take(count) if count else []
-            ended = stream.at_end() if peek and not self._exhausted[lane] else stream.exhausted
+            # at_end() also on a lane known to have ended: its reader then closes its last unit.
+            ended = stream.at_end() if peek else stream.exhausted
             finished = stream.take_finished_shards()
             facts = {shard: (stream.long_document_counts(shard), stream.shard_problem(shard)) for shard in finished}
             local[lane] = _Report(blocks, ended, stream.remaining_blocks_estimate(), finished, facts)
