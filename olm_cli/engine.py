@@ -614,9 +614,13 @@ class Trainer:
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         # Every rank holds the same batch (same stream, selector and replay state); each computes
-        # the gradient of its slice and DDP averages them.
-        mine = list(range(rank, len(samples), world)) or [0]
-        norm = float(sum(weights[i] for i in mine))
+        # the gradient of its slice and DDP averages them. Each slice is divided by the whole
+        # batch's weight over the world size, so an uneven split (3 samples on 2 ranks, the last
+        # batch of an increment) trains the batch mean one process would.
+        mine = list(range(rank, len(samples), world))
+        norm = float(sum(weights)) / world
+        if not mine:  # fewer samples than ranks: this rank's backward takes part in the reduction, adding nothing
+            mine, weights = [0], np.zeros_like(weights)
         topk = self.recipe.replay.store_logits_topk  # 0 unless replay keeps logits for distillation
         alpha = self.recipe.distill.alpha
         device = accelerator.device
