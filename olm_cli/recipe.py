@@ -133,12 +133,18 @@ class DataConfig(Section):
         description="Lanes the increment's shards are split into (by bytes); with several processes each rank reads, tokenises and packs only its lanes (lane l on rank l % N) and the blocks are exchanged, so the data work is split while every step trains the blocks one process would. The blocks trained depend on the lane count, not on the number of processes. `auto`: one lane per process when the increment begins. A resumed increment, and data carried to the next one, keep their count. See docs/distributed.md.",
     )
 
-    @field_validator("lanes")
+    @field_validator("lanes", mode="before")
     @classmethod
-    def _lanes_at_least_one(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be at least 1, or `auto`")
-        return value
+    def _lanes_count_or_auto(cls, value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            count = int(value) if not isinstance(value, bool | float) else None
+        except (TypeError, ValueError):
+            count = None
+        if count is None or count < 1:
+            raise ValueError(f"must be an integer of at least 1, or `auto` (got {value!r})")
+        return count
 
     @field_validator("domain_pattern")
     @classmethod

@@ -307,3 +307,37 @@ def test_planner_helpers_read_a_position_in_lanes(shards: list[Path], tokenizer:
     blocks, finished = _drain(continued, [10**6])
     assert blocks and set(map(str, new)) <= set(finished)
     assert continued.exhausted
+
+
+def test_a_lane_that_fails_stops_every_rank_with_its_error(shards: list[Path], tokenizer: Any) -> None:
+    lanes = assign_lanes(shards, 2)
+    Path(lanes[1][0]).unlink()  # gone after planning: only rank 1, which reads lane 1, meets it
+
+    def rank(exchange: Any) -> str:
+        stream = LaneStream(shards, _lane_maker(tokenizer), lanes=2, exchange=exchange)
+        with pytest.raises(DataError) as caught:
+            _drain(stream, SIZES)
+        return str(caught.value)
+
+    messages = _on_ranks(2, rank)  # no rank is left waiting in the exchange
+    assert messages[0] == messages[1] and Path(lanes[1][0]).name in messages[0]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (3, 3), ("2", 2)])
+def test_the_lane_count_in_the_recipe(tmp_path: Path, value: Any, expected: Any) -> None:
+    from conftest import tiny_recipe
+
+    from olm_cli.recipe import recipe_from_dict
+
+    assert recipe_from_dict(tiny_recipe(tmp_path, data={"lanes": value})).data.lanes == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", True, 2.5])
+def test_a_bad_lane_count_names_the_key(tmp_path: Path, value: Any) -> None:
+    from conftest import tiny_recipe
+
+    from olm_cli.errors import RecipeError
+    from olm_cli.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=r"data\.lanes"):
+        recipe_from_dict(tiny_recipe(tmp_path, data={"lanes": value}))

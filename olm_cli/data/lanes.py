@@ -109,6 +109,15 @@ class _Report:
 
 
 @dataclass
+class _Failure:
+    """A lane's owner failed (a bad file, a vanished shard): every rank stops with its message."""
+
+    rank: int
+    data_error: bool  # a DataError: the same one-line error on every rank
+    message: str
+
+
+@dataclass
 class ReadCounts:
     """What this rank read itself (its own lanes), for the summary that shows the work is split."""
 
@@ -234,7 +243,7 @@ class LaneStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Every lane's position, gathered to every rank (a collective); one lane saves plain."""
-        gathered = self.exchange.gather({lane: stream.state_dict() for lane, stream in self._lanes.items()})
+        gathered = self._gather(lambda: {lane: stream.state_dict() for lane, stream in self._lanes.items()})
         states = [gathered[lane] for lane in range(self.lanes)]
         if self.lanes == 1:
             return states[0]
@@ -250,8 +259,13 @@ class LaneStream:
             raise DataError("the data position in the checkpoint belongs to a different shard plan")
         states = lane_positions(state)
         cursor = int(state.get("cursor", 0)) if is_lane_position(state) else 0
-        self._build([[str(s) for s in lane["shards"]] for lane in states], states, cursor=cursor)
-        known = self.exchange.gather({lane: stream.exhausted for lane, stream in self._lanes.items()})
+        shards = [[str(s) for s in lane["shards"]] for lane in states]
+
+        def load() -> dict[int, Any]:
+            self._build(shards, states, cursor=cursor)
+            return {lane: stream.exhausted for lane, stream in self._lanes.items()}
+
+        known = self._gather(load)
         self._exhausted = [bool(known[lane]) for lane in range(self.lanes)]
 
     def close(self) -> None:
@@ -289,6 +303,19 @@ class LaneStream:
     def _exchange(self, asked: dict[int, int], *, peek: bool = False) -> dict[int, _Report]:
         """The owners take ``asked`` blocks from their lanes (or read ahead, ``peek``); every rank
         gets every lane's report, and the known ends, estimates and finished shards are updated."""
+        reports: dict[int, _Report] = self._gather(lambda: self._read_lanes(asked, peek=peek))
+        estimates: list[float | None] = [None] * self.lanes
+        for lane in range(self.lanes):
+            report = reports[lane]
+            self._exhausted[lane] = self._exhausted[lane] or report.exhausted
+            estimates[lane] = report.estimate
+            self._finished.extend(report.finished)
+            self._facts.update(report.facts)
+        self._estimates = estimates
+        return reports
+
+    def _read_lanes(self, asked: dict[int, int], *, peek: bool) -> dict[int, _Report]:
+        """This rank's part of an exchange: take from (or read ahead on) its own lanes."""
         local: dict[int, _Report] = {}
         for lane, stream in self._lanes.items():
             count = asked.get(lane, 0)
@@ -302,16 +329,31 @@ class LaneStream:
             self.read.tokens += sum(len(block) for block in blocks)
             self.read.shards.update(shard for block in blocks for shard, _ in block.token_spans())
             self.read.shards.update(finished)
-        reports: dict[int, _Report] = self.exchange.gather(local)
-        estimates: list[float | None] = [None] * self.lanes
-        for lane in range(self.lanes):
-            report = reports[lane]
-            self._exhausted[lane] = self._exhausted[lane] or report.exhausted
-            estimates[lane] = report.estimate
-            self._finished.extend(report.finished)
-            self._facts.update(report.facts)
-        self._estimates = estimates
-        return reports
+        return local
+
+    def _gather(self, work: Callable[[], dict[int, Any]]) -> dict[int, Any]:
+        """``work()`` on this rank's lanes, gathered; if it failed on any rank, every rank raises.
+
+        Only a lane's owner reads it, so only the owner meets a bad file: were it to raise alone,
+        the other ranks would wait in the all-gather for ever. The failure travels in the
+        gather instead (the failing rank re-raises its own exception).
+        """
+        failure: BaseException | None = None
+        try:
+            payload = work()
+        except Exception as exc:
+            failure = exc
+            payload = {-1 - self.exchange.rank: _Failure(self.exchange.rank, isinstance(exc, DataError), str(exc))}
+        gathered = self.exchange.gather(payload)
+        failed = [value for value in gathered.values() if isinstance(value, _Failure)]
+        if failure is not None:
+            raise failure
+        if failed:
+            first = failed[0]
+            if first.data_error:
+                raise DataError(first.message)
+            raise RuntimeError(f"rank {first.rank} failed reading its data lanes: {first.message}")
+        return gathered
 
     # -- reporting ---------------------------------------------------------------------------
 
