@@ -23,7 +23,7 @@ from e2e_helpers import (
 )
 from transformers import AutoTokenizer
 
-from olm_cli.data import BlockStream, position_has_work, position_unread_shards
+from olm_cli.data import BlockStream, lane_positions, position_has_work, position_unread_shards
 from olm_cli.increment import run_increment
 from olm_cli.recipe import recipe_from_dict
 
@@ -87,6 +87,7 @@ STREAMS = {
     "read-ahead": {},  # the recipe default: data.prefetch 4, no shuffle buffer
     "inline": {"prefetch": 0},
     "shuffled": {"shuffle_buffer": 5},
+    "lanes": {"lanes": 2, "shuffle_buffer": 3},  # two lanes read by one process, each carrying its own tails
 }
 # Shards as (domain, index, documents); arrivals also say how many nights to wait once everything
 # that came before has been read (a night with nothing new trains, and cuts, the carried tails).
@@ -193,7 +194,7 @@ def _holds_cut_tokens(position: dict[str, Any]) -> bool:
     """Whether a saved position holds tokens read but not trained: the carry, blocks a unit cut
     beyond those handed out (a night's end reads on when none is pending, so handed_out > 0 means
     some are), or the shuffle buffer."""
-    return bool(position["unit"]["carry"] or position["handed_out"]
+    return bool(any(lane["unit"]["carry"] or lane["handed_out"] for lane in lane_positions(position))
                 or (position.get("shuffle") or {}).get("buffered"))
 
 
