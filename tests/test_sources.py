@@ -66,10 +66,12 @@ def test_trust_remote_code_is_off_unless_the_recipe_says_so() -> None:
     assert ModelConfig(name_or_path="x").trust_remote_code is False
 
 
-def test_streamed_dataset_directory_continues_across_increments(tmp_path: Path) -> None:
+# With two lanes the dataset (one source) is one lane and the other is empty.
+@pytest.mark.parametrize("lanes", [pytest.param("auto", id="auto"), pytest.param(2, id="two-lanes", marks=pytest.mark.slow)])
+def test_streamed_dataset_directory_continues_across_increments(tmp_path: Path, lanes: int | str) -> None:
     write_jsonl(tmp_path / "hubdir" / "data" / "train.jsonl", make_documents("beta", 40, 0))
     recipe_dict = tiny_recipe(tmp_path)
-    recipe_dict["data"] = {"dataset": str(tmp_path / "hubdir"), "block_size": 32}
+    recipe_dict["data"] = {"dataset": str(tmp_path / "hubdir"), "block_size": 32, "lanes": lanes}
     recipe_dict["run"]["max_steps"] = 6
     recipe = recipe_from_dict(recipe_dict)
     steps = []
