@@ -340,8 +340,10 @@ class Trainer:
                               from_random_init=self.recipe.model.init == "scratch" and self.state.increment == 1)
 
     def _make_training_stream(self) -> ShuffleStream:
-        """The stream the loop takes from: read ahead by a worker thread (``data.prefetch`` steps),
-        through the shuffle buffer (``data.shuffle_buffer``); see olm_cli/pipeline.py.
+        """The stream the loop takes from: the plan's lanes (``data.lanes``; each rank reads its own
+        and the blocks are exchanged), each read ahead by a worker thread (``data.prefetch`` steps),
+        through the shuffle buffer (``data.shuffle_buffer``); see olm_cli/data/lanes.py and
+        olm_cli/pipeline.py. Every call on it that reads or saves is a collective: all ranks make it.
 
         It quarantines the rest of a shard at a bad record (the ledger is told). The counting,
         consolidation and replay-seed streams stay plain :meth:`_make_stream` ones.

@@ -493,7 +493,10 @@ class ShuffleStream:
 
 def build_training_stream(reader: BlockSource, *, replica: Callable[[], BlockSource], step_blocks: int,
                           prefetch_steps: int, shuffle_buffer: int, seed: list[int]) -> ShuffleStream:
-    """The engine's training stream: ``reader``, read ahead ``prefetch_steps`` steps, then shuffled.
+    """One reader's training stream: ``reader``, read ahead ``prefetch_steps`` steps, then shuffled.
+
+    The engine puts :class:`olm_cli.data.lanes.LaneStream` between the two (one read-ahead
+    per lane); with one lane and one process that is this stream, block for block.
 
     The shuffle buffer sits on top, in the consumer's thread (a draw is cheap); the worker does
     the reading and tokenising underneath it. It is there even when off (``shuffle_buffer`` 0,
