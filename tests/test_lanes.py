@@ -341,3 +341,85 @@ def test_a_bad_lane_count_names_the_key(tmp_path: Path, value: Any) -> None:
 
     with pytest.raises(RecipeError, match=r"data\.lanes"):
         recipe_from_dict(tiny_recipe(tmp_path, data={"lanes": value}))
+
+
+class _ListLane:
+    """A lane of numbered one-token blocks (``lane * 1000 + i``), for checking the dealing alone."""
+
+    warn = None
+
+    def __init__(self, lane: int, length: int) -> None:
+        self.lane, self.length, self.position = lane, length, 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.position >= self.length
+
+    def take(self, n: int) -> list[Any]:
+        import numpy as np
+
+        from olm_cli.samples import Block
+
+        count = min(n, self.length - self.position)
+        self.position += count
+        return [Block(np.asarray([self.lane * 1000 + i], dtype=np.int32), f"lane{self.lane}", "d")
+                for i in range(self.position - count, self.position)]
+
+    def at_end(self) -> bool:
+        return self.exhausted
+
+    def take_finished_shards(self) -> list[str]:
+        return []
+
+    def long_document_counts(self, shard: str) -> dict[str, int]:
+        return {"split": 0, "skipped": 0}
+
+    def shard_problem(self, shard: str) -> str | None:
+        return None
+
+    def remaining_blocks_estimate(self) -> float:
+        return float(self.length - self.position)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shards": [f"lane{self.lane}"], "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dealing_is_the_round_robin_whatever_the_takes_and_the_world(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    k = rng.randint(2, 6)
+    lengths = [rng.choice([0, 1, 2, 5, rng.randint(0, 40)]) for _ in range(k)]
+    plan = [f"lane{lane}" for lane in range(k)]
+    queues = [[lane * 1000 + i for i in range(length)] for lane, length in enumerate(lengths)]
+    expected: list[int] = []
+    while any(queues):
+        expected += [queue.pop(0) for queue in queues if queue]
+    sizes = [rng.randint(1, 9) for _ in range(60)]
+    cut = rng.randint(1, len(sizes) - 1)
+
+    def make(shards: list[Path], lanes: int) -> _ListLane:
+        lane = int(str(shards[0])[len("lane"):])
+        return _ListLane(lane, lengths[lane])
+
+    def lanes_of(exchange: Any = None) -> LaneStream:
+        stream = LaneStream(plan, make, lanes=k, exchange=exchange)
+        # No file, no size: the shards are dealt by count, one to each lane in order.
+        assert [stream.lane_shards(lane) for lane in range(k)] == [[name] for name in plan]
+        return stream
+
+    def run(exchange: Any) -> list[int]:
+        first = lanes_of(exchange)
+        head = [int(b.tokens[0]) for n in sizes[:cut] for b in first.take(n)]
+        state = first.state_dict()
+        second = lanes_of(exchange)
+        second.load_state_dict(state)
+        return head + [int(b.tokens[0]) for n in sizes[cut:] for b in second.take(n)]
+
+    assert run(None) == expected
+    world = rng.randint(2, 4)
+    assert _on_ranks(world, run) == [expected] * world
