@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from olm_cli.distributed.agreement import agree_to_stop
 from olm_cli.errors import OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
@@ -113,7 +114,8 @@ class CooldownBranch:
         while state.step < state.steps:
             over_budget = (recipe.run.time_budget is not None
                            and time.monotonic() - trainer.started >= recipe.run.time_budget and state.step > first)
-            if (stop is not None and stop.requested) or over_budget:
+            stopped, over_budget = agree_to_stop(stop, over_budget=over_budget)  # every rank leaves at the same step
+            if stopped or over_budget:
                 self._checkpoint(stream)
                 return False
             t0 = time.perf_counter()

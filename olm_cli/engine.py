@@ -45,6 +45,7 @@ from olm_cli.data import (
 from olm_cli.distill import collate_stored
 from olm_cli.distill.base import IncrementStart
 from olm_cli.distill.kd import capture_topk
+from olm_cli.distributed.agreement import agree_to_stop
 from olm_cli.distributed.sharding import gradient_sync, is_sharded, nonfinite_parameters, replicated
 from olm_cli.errors import EXIT_NOT_RELEASED, EXIT_OK, OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
@@ -497,7 +498,7 @@ class Trainer:
         blocks, cost = generate_seed_blocks(
             self.accelerator.unwrap_model(self.model), self.tokenizer, recipe.replay.generate, run_dir=self.run_dir,
             seed=recipe.run.seed, block_size=recipe.data.block_size, device=self.accelerator.device, say=self._say,
-            stopped=lambda: self.stop is not None and self.stop.requested,
+            stop=self.stop, lockstep=self.distributed.sharded,
         )
         if cost is not None:
             self._say(f"generated {cost.samples} replay seed sample(s): {cost.generated_tokens:,} tokens in "
@@ -531,17 +532,19 @@ class Trainer:
         with stopping as stop, self._progress() as progress, contextlib.closing(self.stream):
             task = progress.add_task(f"increment {state.increment}", total=state.horizon, completed=state.step) if progress else None
             while not self._increment_done():
-                if stop.requested and state.step == first_step:
+                # At least one step per invocation, so a budget shorter than start-up still progresses.
+                over_budget = recipe.run.time_budget is not None and time.monotonic() - self.started >= recipe.run.time_budget
+                # Every rank takes the same branch: a signal or a clock seen by one rank is agreed on by all.
+                stopped, over_budget = agree_to_stop(stop, over_budget=over_budget)
+                if stopped and state.step == first_step:
                     # Nothing trained in this invocation: nothing to save.
                     where = f"continues from {self.latest.name}" if self.resuming and self.latest else "starts this increment again"
                     return self._outcome("interrupted", stop.exit_code, None,
                                          f"stopped by signal {stop.signal} before the first step; the next run {where}")
-                if stop.requested:
+                if stopped:
                     path = self._checkpoint(complete=False)
                     return self._outcome("interrupted", stop.exit_code, path,
                                          f"stopped by signal {stop.signal}; checkpoint written, the next run continues")
-                # At least one step per invocation, so a budget shorter than start-up still progresses.
-                over_budget = recipe.run.time_budget is not None and time.monotonic() - self.started >= recipe.run.time_budget
                 if over_budget and state.step > first_step:
                     path = self._checkpoint(complete=False)
                     return self._outcome("time_budget", EXIT_OK, path,

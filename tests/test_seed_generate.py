@@ -27,11 +27,27 @@ class CharTokenizer:
         return {"input_ids": [1] + [3 + ord(c) % 60 for c in text]}
 
 
-def _generate(tmp_path: Path, config: GenerateConfig, stopped: Any = lambda: False,
+class _Stop:
+    """A GracefulStop whose ``requested`` answers from ``answers`` (a stop before a chosen batch)."""
+
+    signal = 15
+
+    def __init__(self, answers: Any) -> None:
+        self.answers = answers
+
+    @property
+    def requested(self) -> bool:
+        return bool(next(self.answers))
+
+    def request(self, signum: int) -> None:
+        raise AssertionError("a single process never adopts another rank's signal")
+
+
+def _generate(tmp_path: Path, config: GenerateConfig, stop: Any = None,
               model: torch.nn.Module | None = None) -> tuple[list[Any], Any]:
     model = model if model is not None else tiny_llama(seed=0)
     return generate_seed_blocks(model, CharTokenizer(), config, run_dir=tmp_path, seed=7, block_size=12,
-                                device="cpu", say=lambda _: None, stopped=stopped)
+                                device="cpu", say=lambda _: None, stop=stop)
 
 
 def _tokens(blocks: list[Any]) -> list[list[int]]:
@@ -56,8 +72,8 @@ def test_generation_is_batched_prompted_and_cut_to_the_block_size(tmp_path: Path
 def test_an_interrupted_generation_continues_to_the_same_samples(tmp_path: Path) -> None:
     config = GenerateConfig(samples=6, batch_size=2, max_new_tokens=10)
     reference, _ = _generate(tmp_path / "reference", config)
-    calls = iter([False, True])  # stopped before the second batch
-    stopped_blocks, stopped_cost = _generate(tmp_path / "killed", config, stopped=lambda: next(calls))
+    stop = _Stop(iter([False, True]))  # stopped before the second batch
+    stopped_blocks, stopped_cost = _generate(tmp_path / "killed", config, stop=stop)
     assert (stopped_blocks, stopped_cost) == ([], None)
     assert len(list((tmp_path / "killed" / SEED_DIR).glob("batch-*.npz"))) == 1
     torch.manual_seed(123)  # whatever the global generator holds, batch b is sampled from run.seed + b
