@@ -21,6 +21,11 @@ Every ``run.log_every`` branch steps (and its last) a line goes to ``metrics.jso
 ``"phase": "cooldown"``, with ``step`` the trunk step it branched at and ``cooldown_step`` its
 own, so the trunk's series stays as it was and ``olm status`` / ``olm report`` can show the
 branch. Lines a killed branch wrote after its checkpoint are dropped when it resumes.
+
+Under ``run.distributed: fsdp`` the branch trains the sharded model with the sharded optimiser
+(each rank its shard, as the trunk); its checkpoint holds the weights gathered (rank 0 writes
+them) and AdamW's moments sharded (``optimizer-sharded/``, every rank its part), and the
+release gets the gathered weights.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from olm_cli.distributed.agreement import agree_to_stop
+from olm_cli.distributed.sharded_checkpoint import restore_optimizer, save_sharded_optimizer
+from olm_cli.distributed.sharding import full_state_dict, gradient_sync
 from olm_cli.errors import OlmError, TrainingDivergedError
 from olm_cli.host_sync import AccumulatedBatch, fetch_step, to_device
 from olm_cli.rng import capture_rng, restore_rng, seed_everything
@@ -98,7 +105,8 @@ class CooldownBranch:
         """Train the branch to its end (True), or checkpoint it and return False on a stop or the time budget."""
         trainer, recipe = self.trainer, self.recipe
         accelerator = trainer.accelerator
-        stream = trainer._make_stream([Path(p) for p in trainer.state.shard_plan])
+        # The plan every rank holds (the trainer state records it on rank 0 only, as it checkpoints).
+        stream = trainer._make_stream(list(trainer.shard_plan))
         resumed = self._resume(stream)
         if not resumed:
             seed_everything(recipe.run.seed + self.state.increment)
@@ -178,7 +186,9 @@ class CooldownBranch:
             host["weights"] = torch.as_tensor(weights[chunk], dtype=torch.float32)
             batch = to_device(host, accelerator.device)
             sample_weights = batch.pop("weights")
-            sync = accelerator.no_sync(trainer.model) if c < len(chunks) - 1 else contextlib.nullcontext()
+            last = c == len(chunks) - 1
+            sync = (gradient_sync(trainer.model, last) if trainer.distributed.sharded
+                    else contextlib.nullcontext() if last else accelerator.no_sync(trainer.model))
             with sync, accelerator.autocast():
                 row_loss, _ = trainer._row_losses(batch)
                 loss = (row_loss * sample_weights).sum() / norm
@@ -225,27 +235,41 @@ class CooldownBranch:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint(self, stream: Any) -> None:
-        """Write the branch's state as ``RUN/cooldown/step-NNNNNNNN`` (main process; the others wait)."""
+        """Write the branch's state as ``RUN/cooldown/step-NNNNNNNN`` (rank 0; under FSDP every rank adds
+        its optimiser shard, and the weights are gathered to rank 0 first)."""
         trainer = self.trainer
         accelerator = trainer.accelerator
+        sharded = trainer.distributed.sharded
         accelerator.wait_for_everyone()
+        gathered = full_state_dict(trainer.model) if sharded else None  # a collective
+        step = self.state.step
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(trainer.model)
             position = stream.state_dict()
             rng = capture_rng()
-            optimizer = trainer.optimizer.state_dict()
+            optimizer = None if sharded else trainer.optimizer.state_dict()
             state = asdict(self.state)
 
             def write(directory: Path) -> None:
-                save_model(unwrapped, str(directory / WEIGHTS_FILE))  # tied weights stored once
-                save_optimizer_state(directory, optimizer)
+                if gathered is not None:
+                    save_file(_unshared(gathered), str(directory / WEIGHTS_FILE))
+                else:
+                    save_model(unwrapped, str(directory / WEIGHTS_FILE))  # tied weights stored once
+                if optimizer is not None:
+                    save_optimizer_state(directory, optimizer)
                 save_tree(directory / "rng", rng)
                 save_tree(directory / "stream", {"position": position})
                 trainer.replay.save(directory / "replay")  # the buffer's draw counters and generator
                 write_json_atomic(directory / STATE_FILE, state)
 
-            self.checkpoints.save(self.state.step, write, metadata={"increment": self.state.increment,
-                                                                   "trunk": self.trunk.name})
+            if sharded:
+                self.checkpoints.stage(step, lambda directory: None)
+        if sharded:
+            # Every rank writes its shard of AdamW's moments into the staged directory (a collective).
+            save_sharded_optimizer(self.checkpoints.staged_path(step), trainer.model, trainer.optimizer)
+        if accelerator.is_main_process:
+            self.checkpoints.save(step, write, metadata={"increment": self.state.increment, "trunk": self.trunk.name},
+                                  staged=sharded)
         accelerator.wait_for_everyone()
 
     def _resume(self, stream: Any) -> bool:
@@ -261,14 +285,19 @@ class CooldownBranch:
                 saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         same = (path is not None and saved.get("increment") == self.state.increment
                 and saved.get("trunk") == self.state.trunk and saved.get("steps") == self.state.steps)
+        trainer = self.trainer
+        trainer.accelerator.wait_for_everyone()  # every rank has decided before rank 0 removes anything
         if not same:
             self.discard()
             return False
         assert path is not None
-        trainer = self.trainer
         with loading_checkpoint(path, "the cooldown branch"):
-            load_model(trainer.accelerator.unwrap_model(trainer.model), str(path / WEIGHTS_FILE))
-            trainer.optimizer.load_state_dict(load_optimizer_state(path))
+            if trainer.distributed.sharded:
+                load_sharded_weights(trainer.model, load_file(str(path / WEIGHTS_FILE)))
+            else:
+                load_model(trainer.accelerator.unwrap_model(trainer.model), str(path / WEIGHTS_FILE))
+            if not restore_optimizer(path, trainer.model, trainer.optimizer, sharded=trainer.distributed.sharded):
+                trainer.optimizer.load_state_dict(load_optimizer_state(path))
             restore_rng(load_tree(path / "rng"))
             stream.load_state_dict(load_tree(path / "stream")["position"])
             trainer.replay.load(path / "replay")
@@ -289,7 +318,27 @@ class CooldownBranch:
 
 
 def require_unsharded(accelerator: Any) -> None:
-    """The branch checkpoints whole weights: FSDP and DeepSpeed shard them (a clear error, not a wrong file)."""
+    """The branch under Accelerate's own FSDP or DeepSpeed (olm shards with its FSDP2 path, which the
+    branch supports): a clear error, not a wrong file."""
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise OlmError("optim.schedule 'wsd' trains its cooldown on whole weights; it does not run under FSDP or "
-                       "DeepSpeed yet (use DDP or a single process)")
+        raise OlmError("optim.schedule 'wsd' trains its cooldown with olm's own sharding only; it does not run under "
+                       "DeepSpeed (use run.distributed fsdp or ddp)")
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gathered weights as safetensors takes them: a tensor stored under two names (tied) is copied."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in weights.items():
+        pointer = tensor.data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+def load_sharded_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole weights (read by every rank) into an FSDP2 model: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # strict=False: a tied output layer saved once follows its embedding.
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -642,6 +642,8 @@ class Trainer:
                     sync = (gradient_sync(self.model, last) if self.distributed.sharded
                             else contextlib.nullcontext() if last else accelerator.no_sync(self.model))
                     with sync, accelerator.autocast():
+                        # The penalty before the forward: FSDP2's parameters are all sharded then.
+                        penalty = self.regularizer.penalty(accelerator.unwrap_model(self.model))
                         row_loss, logits = self._row_losses(batch)
                         chunk_stored = None
                         if stored is not None:
@@ -650,7 +652,7 @@ class Trainer:
                         loss = training_loss(
                             (row_loss * sample_weights).sum() / norm,
                             self.distiller.loss(logits, batch, chunk_stored),
-                            self.regularizer.penalty(accelerator.unwrap_model(self.model)),
+                            penalty,
                             alpha=alpha, share=len(chunk) / len(mine),
                         )
                     # A non-finite loss is found by fetch_step, with the gradient norm: its
@@ -887,7 +889,7 @@ class Trainer:
         model = self._setup_model()
         self._setup_parts()
         model = self.partial.prepare(model, self.state.increment)
-        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, self.recipe))
+        self.model, self.optimizer = self._prepare(model)  # sharded under run.distributed: fsdp
         self._setup_speed_options()
         self.shard_plan = [Path(p) for p in self.state.shard_plan]
         self._restore_parts(self.latest)
@@ -956,6 +958,8 @@ class Trainer:
         full_state_dict = self._gathered_weights()
         # Every rank: the lanes' positions are gathered from the ranks that read them (a collective).
         stream_position = self.stream.state_dict()
+        # Anchors and Fisher are sharded like the weights: gathered the same way (a collective).
+        part_states = self._part_states()
         if accelerator.is_main_process:
             self.state.increment_complete = complete
             self.stream_position = stream_position  # in parts: it may hold the shuffle buffer's arrays
@@ -963,7 +967,7 @@ class Trainer:
             self.state.ledger = self.ledger.state_dict()
             self.state.shard_plan = [str(p) for p in self.shard_plan]
             in_background = background and self.checkpoint_writer.background
-            snapshot = self._snapshot(full_state_dict, private=in_background)
+            snapshot = self._snapshot(full_state_dict, part_states, private=in_background)
             # The replay snapshot reads the live buffer: staged now (hard links, cheap), in this thread.
             self.checkpoints.stage(step, lambda directory: self.replay.save(directory / "replay"))
         if self.distributed.sharded:
@@ -989,7 +993,17 @@ class Trainer:
             return self.accelerator.get_state_dict(self.model)
         return None
 
-    def _snapshot(self, full_state_dict: dict[str, torch.Tensor] | None, *, private: bool) -> TrainingSnapshot:
+    def _part_states(self) -> dict[str, Any]:
+        """The state of the parts that keep per-parameter tensors, whole (gathered on every rank under FSDP)."""
+        states = {"regularizer": self.regularizer.state_dict(), "meta": self.meta.state_dict()}
+        if not self.distributed.sharded:
+            return states
+        from olm_cli.distributed.sharded_state import gather_parameter_state
+
+        return gather_parameter_state(states, self.model)
+
+    def _snapshot(self, full_state_dict: dict[str, torch.Tensor] | None, part_states: dict[str, Any], *,
+                  private: bool) -> TrainingSnapshot:
         """Everything the checkpoint holds (but the replay buffer) as of this step; ``private``: in host
         memory of its own, so training may go on while it is written (docs/run-directory.md)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -999,8 +1013,7 @@ class Trainer:
             "selector": self.selector.state_dict(),
             "batch": self.policy.state_dict(),
             "distiller": self.distiller.state_dict(),
-            "regularizer": self.regularizer.state_dict(),
-            "meta": self.meta.state_dict(),
+            **part_states,  # regularizer, meta
             "partial": self.partial.state_dict(),
             "stream": self.stream_position,
         }
@@ -1095,6 +1108,11 @@ class Trainer:
             parts = load_tree(checkpoint / "parts")
             if "regularizer" not in parts and (checkpoint / "regularizer").is_dir():
                 parts["regularizer"] = legacy_state(checkpoint / "regularizer")  # a checkpoint of olm 0.1
+            if self.distributed.sharded:  # anchors and Fisher are saved whole: this rank keeps its rows
+                from olm_cli.distributed.sharded_state import local_parameter_state
+
+                for name in ("regularizer", "meta"):
+                    parts[name] = local_parameter_state(parts.get(name, {}), self.model)
             self.selector.load_state_dict(parts.get("selector", {}))
             self.policy.load_state_dict(parts.get("batch", {}))
             self.distiller.load_state_dict(parts.get("distiller", {}))

@@ -179,7 +179,9 @@ def run_increment(recipe: Recipe, *, console: Any = None) -> TrainOutcome:
             while True:  # until a checkpoint loads, or none is left (plan_increment raises)
                 plan = plan_increment(recipe, main_say, main_process=is_main, fallback=fallback)
                 released = None
-                if is_main and release_pending(recipe, plan):
+                # A cooldown branch (wsd) trains: every rank takes part and rank 0 writes; any other
+                # pending release is written by rank 0 alone.
+                if (is_main or recipe.optim.schedule == "wsd") and release_pending(recipe, plan):
                     released = _publish_pending(recipe, plan, fallback, console, main_say, stop)
                     if released is None:
                         continue  # the checkpoint was rejected; plan again without it

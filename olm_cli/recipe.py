@@ -413,15 +413,6 @@ class Recipe(BaseModel):
         if self.train.lora is not None:
             raise ValueError("run.distributed 'fsdp' shards whole models; train.lora trains a few adapter weights, which "
                              "need no sharding: use run.distributed ddp")
-        if self.optim.schedule == "wsd":
-            raise ValueError("optim.schedule 'wsd' trains its cooldown on whole weights, which run.distributed 'fsdp' "
-                             "does not do yet; use run.distributed ddp")
-        if self.optim.meta.method != "none":
-            raise ValueError(f"optim.meta.method '{self.optim.meta.method}' keeps a full copy of the weights it anchors "
-                             "to, which run.distributed 'fsdp' does not shard yet; use run.distributed ddp")
-        if self.regularize.method in ("ewc", "l2"):
-            raise ValueError(f"regularize.method '{self.regularize.method}' keeps a full copy of the weights it anchors "
-                             "to, which run.distributed 'fsdp' does not shard yet; use run.distributed ddp")
         return self
 
     def to_yaml(self) -> str:

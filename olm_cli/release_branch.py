@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from olm_cli.cooldown import CooldownBranch, require_unsharded
+from olm_cli.cooldown import CooldownBranch, load_sharded_weights, require_unsharded
+from olm_cli.distributed.sharding import full_state_dict as gathered_weights
 from olm_cli.distributed.sharding import is_sharded
 from olm_cli.errors import CheckpointError
 from olm_cli.recipe import Recipe
@@ -64,6 +65,9 @@ def sma_checkpoints(checkpoints: CheckpointManager, trunk: Path, count: int) -> 
 
 def load_average(model: torch.nn.Module, averaged: Mapping[str, torch.Tensor]) -> None:
     """Copy averaged weights into ``model``; a tied output layer (saved once) follows its embedding."""
+    if is_sharded(model):  # FSDP2: every rank averaged the same checkpoints and keeps its shard
+        load_sharded_weights(model, dict(averaged))
+        return
     missing, unexpected = model.load_state_dict(dict(averaged), strict=False)
     loaded = {t.data_ptr() for name, t in model.state_dict().items() if name not in missing}
     untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
@@ -165,6 +169,8 @@ def build_release_model(trainer: Any, trunk: Path, full_state_dict: Mapping[str,
     row = branch.record()
     note = f"cooldown: {row['steps']} step(s), {row['tokens']:,} tokens, {row['seconds']:.1f}s"
     trainer._say(f"{note} (the next increment continues from trunk {trunk.name})")
-    return ReleaseModel(unwrapped, None, branch, note,
+    # Sharded (FSDP2): the cooled weights gathered to rank 0, which evaluates and writes the release.
+    cooled = gathered_weights(trainer.model) if trainer.distributed.sharded else None
+    return ReleaseModel(unwrapped, cooled, branch, note,
                         release_origin("sma+cooldown" if sma else "cooldown", trunk, averaged=averaged, cooldown=row,
                                        trunk_losses=trunk_losses))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from olm_cli.meta.config import MetaConfig
-from olm_cli.regularize.anchor import on_device, snapshot, trainable_parameters
+from olm_cli.regularize.anchor import local, on_device, snapshot, trainable_parameters
 from olm_cli.strategy import StrategyContext
 
 
@@ -61,6 +61,7 @@ class ReptileUpdate:
         for name, param in trainable_parameters(model).items():
             if name not in self.anchor:
                 continue  # made trainable after the window began: nothing to interpolate from
+            param = local(param)  # sharded (FSDP2): this rank's rows, the anchor holds the same rows
             anchor = on_device(self.anchor, name, param)
             # In float32, so low-precision weights lose nothing to the interpolation itself.
             param.copy_(anchor.float().lerp(param.float(), self.outer_lr))

@@ -19,8 +19,18 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable weights, on each parameter's own device and dtype."""
-    return {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+    """Detached copies of the trainable weights, on each parameter's own device and dtype.
+
+    Of a sharded model (FSDP2) the rank's own rows only (``to_local()``): the copy is sharded
+    like the weights (olm_cli/distributed/sharded_state.py).
+    """
+    return {name: local(p).detach().clone() for name, p in trainable_parameters(model).items()}
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded parameter (differentiable), a plain tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def legacy_state(directory: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from olm_cli.regularize.anchor import on_device, snapshot, trainable_parameters
+from olm_cli.regularize.anchor import local, on_device, snapshot, trainable_parameters
 from olm_cli.regularize.base import ConsolidationData
 from olm_cli.regularize.config import RegularizeConfig
 from olm_cli.strategy import StrategyContext
@@ -17,6 +17,10 @@ class L2Regularizer:
 
     EWC with F = 1: every weight is equally stiff. A cheap baseline that needs no Fisher pass,
     and the right choice when no data from earlier increments is available at their end.
+
+    Under FSDP2 the anchor holds the rank's rows of each parameter and the penalty is this
+    rank's part of the sum: its gradient is exactly the penalty's gradient on those rows, which
+    is added to the averaged task gradient as with one process (docs/distributed.md).
     """
 
     name = "l2"
@@ -34,6 +38,7 @@ class L2Regularizer:
             for name, param in trainable_parameters(model).items():
                 if name not in self.anchor:
                     continue
+                param = local(param)  # sharded: this rank's rows; the gradient reaches only them
                 diff = (param - on_device(self.anchor, name, param)).float()
                 term = (diff * diff).sum()
                 total = term if total is None else total + term
