@@ -336,7 +336,7 @@ def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_sharded_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_sharded_weights(model: torch.nn.Module, weights: dict[str, Any]) -> None:
     """Whole weights (read by every rank) into an FSDP2 model: each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

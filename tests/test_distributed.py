@@ -146,3 +146,50 @@ def test_fsdp_kill_9_mid_increment_resumes_bit_identically(root: Path, tmp_path:
     assert alone.returncode == 0, alone.stderr + alone.stdout
     assert "resuming increment 1" in alone.stdout
     _assert_close(tmp_path / "one", root / "fsdp")
+
+
+def _rank_processes(proc: subprocess.Popen[bytes]) -> dict[int, Any]:
+    """torchrun's rank processes by rank (read from each child's environment)."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except psutil.Error:
+            continue
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = child
+    return ranks
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(root: Path, tmp_path: Path) -> None:
+    """A signal seen by rank 1 alone: the ranks agree at the next step, checkpoint together and exit 143."""
+    add_shard(tmp_path / "stream", "alpha", 0)
+    recipe = _recipe(tmp_path, "run", distributed="fsdp", async_checkpoint=False)
+    log = tmp_path / "stopped.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([*_olm(recipe, processes=2)[:1], "--redirects", "3", "--log-dir",
+                                 str(tmp_path / "logs"), *_olm(recipe, processes=2)[1:]],
+                                cwd=tmp_path, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: last_step(tmp_path / "run") >= 3 and len(_rank_processes(proc)) == 2, proc, timeout=240,
+                 what="step 3")
+        _rank_processes(proc)[1].send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)  # a rank waiting for the other at a collective would hang here
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text  # torchrun: some rank exited non-zero
+    codes = {int(line.split()[2]) for line in text.splitlines() if line.strip().startswith("exitcode")}
+    assert codes == {143}, text  # every failed rank reports SIGTERM's documented code, none was killed
+    rank_logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("stdout.log"))
+    assert "stopped by signal 15; checkpoint written" in rank_logs, rank_logs
+    stopped_at = json.loads((latest(tmp_path / "run") / "trainer_state.json").read_text())
+    assert stopped_at["increment_complete"] is False and stopped_at["global_step"] >= 3
+
+    resumed = _train(_olm(recipe, processes=2), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert "resuming increment 1" in resumed.stdout
+    assert_bit_identical(weights(latest(tmp_path / "run")), weights(latest(root / "fsdp")))

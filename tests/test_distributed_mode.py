@@ -56,10 +56,6 @@ def test_a_launch_olm_cannot_shard_is_refused(requested: str, env: dict[str, str
 @pytest.mark.parametrize(("sections", "message"), [
     ({"run": {"mixed_precision": "fp16"}}, "use run.mixed_precision bf16"),
     ({"train": {"lora": {"r": 4}}}, "train.lora"),
-    ({"regularize": {"method": "ewc"}}, "regularize.method 'ewc'"),
-    ({"regularize": {"method": "l2"}}, "regularize.method 'l2'"),
-    ({"optim": {"schedule": "wsd"}}, "optim.schedule 'wsd'"),
-    ({"optim": {"meta": {"method": "reptile"}}}, "optim.meta.method 'reptile'"),
 ])
 def test_recipe_refuses_what_fsdp_cannot_shard(tmp_path: Path, sections: dict, message: str) -> None:
     recipe = tiny_recipe(tmp_path, **sections)
@@ -68,6 +64,19 @@ def test_recipe_refuses_what_fsdp_cannot_shard(tmp_path: Path, sections: dict, m
         recipe_from_dict(recipe)
     recipe["run"]["distributed"] = "ddp"
     recipe_from_dict(recipe)  # the same recipe is fine unsharded
+
+
+@pytest.mark.parametrize("sections", [
+    {"regularize": {"method": "ewc"}},
+    {"regularize": {"method": "l2"}},
+    {"optim": {"schedule": "wsd"}},
+    {"optim": {"meta": {"method": "reptile"}}},
+])
+def test_recipe_shards_the_parts_that_keep_weight_copies(tmp_path: Path, sections: dict) -> None:
+    """Their anchors and the cooldown branch are sharded like the weights (tests/test_distributed_parts.py)."""
+    recipe = tiny_recipe(tmp_path, **sections)
+    recipe["run"]["distributed"] = "fsdp"
+    assert recipe_from_dict(recipe).run.distributed == "fsdp"
 
 
 def test_accelerate_fsdp_version_1_launch_exits_2_with_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -35,16 +35,24 @@ def _map_tensors(tree: Any, params: dict[str, Any], convert: Any, key: str | Non
     return tree
 
 
-def gather_parameter_state(tree: Any, model: torch.nn.Module) -> Any:
-    """``tree`` with every parameter-keyed slice made whole again (a collective; every rank gets them)."""
+def gather_parameter_state(tree: Any, model: torch.nn.Module, *, on_every_rank: bool = False) -> Any:
+    """``tree`` with every parameter-keyed slice made whole again, in host memory (a collective).
+
+    One tensor at a time is gathered on the devices; rank 0 keeps the whole ones (for the
+    checkpoint it writes), the other ranks their own slices, unless ``on_every_rank``.
+    """
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+
+    keep = on_every_rank or dist.get_rank() == 0
 
     def whole(tensor: torch.Tensor, param: Any) -> torch.Tensor:
         if tuple(tensor.shape) == tuple(param.shape) and tuple(param.to_local().shape) != tuple(param.shape):
             return tensor  # already whole (a state loaded and not yet cut)
         dtensor = DTensor.from_local(tensor.to(param.to_local().device), param.device_mesh, param.placements,
                                      run_check=False, shape=param.shape, stride=param.stride())
-        return dtensor.full_tensor().cpu()
+        full = dtensor.full_tensor()
+        return full.cpu() if keep else tensor
 
     return _map_tensors(tree, _sharded_parameters(model), whole)
 

@@ -58,10 +58,10 @@ class ReptileUpdate:
 
     @torch.no_grad()
     def _outer_step(self, model: torch.nn.Module) -> None:
-        for name, param in trainable_parameters(model).items():
+        for name, parameter in trainable_parameters(model).items():
             if name not in self.anchor:
                 continue  # made trainable after the window began: nothing to interpolate from
-            param = local(param)  # sharded (FSDP2): this rank's rows, the anchor holds the same rows
+            param = local(parameter)  # sharded (FSDP2): this rank's rows, the anchor holds the same rows
             anchor = on_device(self.anchor, name, param)
             # In float32, so low-precision weights lose nothing to the interpolation itself.
             param.copy_(anchor.float().lerp(param.float(), self.outer_lr))

@@ -42,10 +42,10 @@ class EwcRegularizer:
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         if self.fisher and self.anchor:
-            for name, param in trainable_parameters(model).items():
+            for name, parameter in trainable_parameters(model).items():
                 if name not in self.fisher or name not in self.anchor:
                     continue
-                param = local(param)  # sharded: this rank's rows and its part of the sum
+                param = local(parameter)  # sharded: this rank's rows and its part of the sum
                 anchor = on_device(self.anchor, name, param)
                 fisher = on_device(self.fisher, name, param)
                 diff = (param - anchor).float()

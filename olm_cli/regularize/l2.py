@@ -35,10 +35,10 @@ class L2Regularizer:
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         if self.anchor:
-            for name, param in trainable_parameters(model).items():
+            for name, parameter in trainable_parameters(model).items():
                 if name not in self.anchor:
                     continue
-                param = local(param)  # sharded: this rank's rows; the gradient reaches only them
+                param = local(parameter)  # sharded: this rank's rows; the gradient reaches only them
                 diff = (param - on_device(self.anchor, name, param)).float()
                 term = (diff * diff).sum()
                 total = term if total is None else total + term

@@ -100,7 +100,8 @@ def generate_seed_blocks(model: torch.nn.Module, tokenizer: Any, config: Generat
             if rank == 0:
                 for b, arrays in sorted(made.items()):
                     with atomic_writer(_batch_path(folder, b)) as handle:
-                        np.savez(handle, **arrays)
+                        np.savez(handle, tokens=arrays["tokens"], lengths=arrays["lengths"],
+                                 generated=arrays["generated"], seconds=arrays["seconds"])
     finally:
         model.train(was_training)
     _barrier(world)  # rank 0 has written every batch
