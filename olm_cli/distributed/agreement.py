@@ -54,8 +54,8 @@ def agree_to_stop(stop: Any, *, over_budget: bool = False) -> tuple[bool, bool]:
     agreement is acted on at the next one, by every rank.
     """
     requested = stop is not None and bool(stop.requested)  # read once
-    signum = int(stop.signal or signal.SIGTERM) if requested else 0
+    signum = int(getattr(stop, "signal", None) or signal.SIGTERM) if requested else 0
     agreed_signal, agreed_budget = agree_max([signum, int(over_budget)])
-    if stop is not None and agreed_signal and (not requested or stop.signal != agreed_signal):
+    if stop is not None and agreed_signal != signum:  # another rank was signalled (or with another signal)
         stop.request(agreed_signal)
     return bool(agreed_signal), bool(agreed_budget)
