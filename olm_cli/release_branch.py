@@ -153,9 +153,13 @@ def build_release_model(trainer: Any, trunk: Path, full_state_dict: Mapping[str,
     if wsd:
         require_unsharded(accelerator)
     trunk_losses = None
-    # Before the trunk's weights are averaged or cooled; rank 0 alone, so not on sharded weights.
-    if accelerator.is_main_process and not is_sharded(trainer.model):
-        trunk_losses = trunk_eval(recipe, unwrapped, trainer.tokenizer, trainer._say)
+    # Before the trunk's weights are averaged or cooled; rank 0 alone, so sharded weights are first
+    # gathered into a plain copy there (a collective, only when the trunk is evaluated at all).
+    evaluated: torch.nn.Module | None = unwrapped
+    if is_sharded(trainer.model) and recipe.release.enabled and recipe.eval.after_increment and recipe.eval.sets:
+        evaluated = trainer._unsharded()
+    if accelerator.is_main_process and evaluated is not None and not is_sharded(evaluated):
+        trunk_losses = trunk_eval(recipe, evaluated, trainer.tokenizer, trainer._say)
     accelerator.wait_for_everyone()
     if not wsd:
         model, names = sma_model(recipe, trainer.checkpoints, trunk, accelerator.device, trainer._say)

@@ -182,8 +182,13 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(root: Path, tmp_p
             _kill_tree(proc)
     text = log.read_text()
     assert proc.returncode == 1, text  # torchrun: some rank exited non-zero
-    codes = {int(line.split()[2]) for line in text.splitlines() if line.strip().startswith("exitcode")}
-    assert codes == {143}, text  # every failed rank reports SIGTERM's documented code, none was killed
+    # torchrun's summary: "rank : N (local_rank: N)" then "exitcode : C" for every failed rank.
+    lines = [line.split() for line in text.splitlines() if line.strip().startswith(("rank ", "exitcode "))]
+    codes = {int(rank[2]): int(code[2]) for rank, code in zip(lines[::2], lines[1::2], strict=True)}
+    # Rank 0 saw no signal, adopted rank 1's and exited with SIGTERM's documented code. Rank 1 did
+    # too, unless torchrun's own SIGTERM (sent to the others once one rank has exited) reached it
+    # after it had left the loop, during the interpreter's exit.
+    assert codes[0] == 143 and codes.get(1, 143) in (143, -signal.SIGTERM), text
     rank_logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("stdout.log"))
     assert "stopped by signal 15; checkpoint written" in rank_logs, rank_logs
     stopped_at = json.loads((latest(tmp_path / "run") / "trainer_state.json").read_text())

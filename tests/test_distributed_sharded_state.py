@@ -2,7 +2,8 @@
 
 Spawned here without torchrun: every rank shards the same seeded model with FSDP2 and checks
 that its slices gather to the whole tensors one process holds, that whole tensors cut back to
-its own rows, and that EWC's Fisher and penalty gradient on the shards are the whole model's.
+its own rows, and that EWC's Fisher and EWC's and L2's penalty gradients on the shards are the
+whole model's.
 The vocabulary (65 rows) does not split evenly, as real ones often do not.
 """
 
@@ -42,6 +43,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         from olm_cli.distributed.sharded_state import gather_parameter_state, local_parameter_state
         from olm_cli.distributed.sharding import shard_model
         from olm_cli.regularize.ewc import EwcRegularizer, estimate_fisher
+        from olm_cli.regularize.l2 import L2Regularizer
 
         whole = tiny_llama(seed=1, vocab=65, tie_word_embeddings=False)
         sharded = shard_model(tiny_llama(seed=1, vocab=65, tie_word_embeddings=False), device=torch.device("cpu"),
@@ -73,6 +75,22 @@ def _rank(rank: int, port: int, out: str) -> None:
             mine = local_parameter_state({"g": {name: grads[name]}}, sharded)["g"][name]
             checks.append(torch.allclose(param.grad.to_local(), mine, rtol=1e-5, atol=1e-8))
         checks.append(estimate_fisher(sharded, []) == {})
+        # L2: the same pull with F = 1, from an anchor taken now.
+        l2, l2_reference = L2Regularizer(RegularizeConfig(method="l2")), L2Regularizer(RegularizeConfig(method="l2"))
+        l2.begin_increment(sharded)
+        l2_reference.begin_increment(whole)
+        with torch.no_grad():
+            for model in (whole, sharded):
+                for p in model.parameters():
+                    p.mul_(1.5)
+        for model in (whole, sharded):
+            model.zero_grad(set_to_none=True)
+        l2.penalty(sharded).backward()
+        l2_reference.penalty(whole).backward()
+        grads = {n: p.grad for n, p in whole.named_parameters()}
+        for name, param in sharded.named_parameters():
+            mine = local_parameter_state({"g": {name: grads[name]}}, sharded)["g"][name]
+            checks.append(torch.allclose(param.grad.to_local(), mine, rtol=1e-5, atol=1e-8))
         Path(out, f"{rank}.txt").write_text(str(checks))
     finally:
         dist.destroy_process_group()
