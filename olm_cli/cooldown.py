@@ -176,8 +176,12 @@ class CooldownBranch:
         trainer = self.trainer
         accelerator = trainer.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
-        mine = list(range(rank, len(samples), world)) or [0]
-        norm = float(sum(weights[i] for i in mine))
+        # As the trunk's step: each slice is divided by the whole batch's weight over the world size,
+        # so an uneven split trains the batch mean one process would.
+        mine = list(range(rank, len(samples), world))
+        norm = float(sum(weights)) / world
+        if not mine:  # fewer samples than ranks: this rank's backward takes part in the reduction, adding nothing
+            mine, weights = [0], np.zeros_like(weights)
         size = self.recipe.batch.micro_batch
         accumulated = AccumulatedBatch(samples=len(samples), rows=mine)
         chunks = [mine[i : i + size] for i in range(0, len(mine), size)]

@@ -37,6 +37,8 @@ ANCHORED = {
     "optim": {"lr": 1e-3, "warmup_steps": 2, "meta": {"method": "reptile", "inner_steps": 3, "outer_lr": 0.5}},
     "replay": {"policy": "reservoir", "capacity": 50, "ratio": 0.25},
     "run": {"max_steps": 8},
+    # Increment 2 reads two shards: the same two lanes for one process and two, so the same blocks.
+    "data": {"lanes": 2},
 }
 
 
