@@ -185,14 +185,18 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(root: Path, tmp_p
     # torchrun's summary: "rank : N (local_rank: N)" then "exitcode : C" for every failed rank.
     lines = [line.split() for line in text.splitlines() if line.strip().startswith(("rank ", "exitcode "))]
     codes = {int(rank[2]): int(code[2]) for rank, code in zip(lines[::2], lines[1::2], strict=True)}
-    # Rank 0 saw no signal, adopted rank 1's and exited with SIGTERM's documented code. Rank 1 did
-    # too, unless torchrun's own SIGTERM (sent to the others once one rank has exited) reached it
-    # after it had left the loop, during the interpreter's exit.
-    assert codes[0] == 143 and codes.get(1, 143) in (143, -signal.SIGTERM), text
+    # Both ranks leave with SIGTERM's documented code; once the first has exited, torchrun sends its
+    # own SIGTERM to the other, which may reach it after it has left the loop, during the
+    # interpreter's exit (-15): which rank exits first is a race, so either may show it.
+    assert 143 in codes.values() and set(codes.values()) <= {143, -signal.SIGTERM}, text
     rank_logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("stdout.log"))
     assert "stopped by signal 15; checkpoint written" in rank_logs, rank_logs
     stopped_at = json.loads((latest(tmp_path / "run") / "trainer_state.json").read_text())
     assert stopped_at["increment_complete"] is False and stopped_at["global_step"] >= 3
+    # Rank 0 saw no signal, yet took the checkpoint branch at the same step: its optimiser shard is
+    # in the checkpoint next to rank 1's (a collective both ranks entered together).
+    shards = sorted(p.name for p in (latest(tmp_path / "run") / "optimizer-sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
     resumed = _train(_olm(recipe, processes=2), tmp_path)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
