@@ -115,22 +115,28 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     psutil.wait_procs(ranks, timeout=30)
 
 
+def _kill_two_ranks_mid_increment(recipe: Path, cwd: Path, run: Path) -> None:
+    """Train ``recipe`` on two ranks and kill -9 them all once step 5's checkpoint is published
+    (run.checkpoint_every) and step 7 trained: mid-increment, with work after the checkpoint."""
+    log = cwd / "killed.log"
+    published = run / "checkpoints" / "latest"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(_olm(recipe, processes=2), cwd=cwd, env=_env(), stdout=handle,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: published.exists() and last_step(run) >= 7, proc, timeout=240,
+                 what="a checkpoint and step 7")
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+
+
 def test_fsdp_kill_9_mid_increment_resumes_bit_identically(root: Path, tmp_path: Path) -> None:
     add_shard(tmp_path / "stream", "alpha", 0)
     # Checkpoints written in the training thread, so step 5's is published before step 6 (a slow
     # background write could otherwise outlast the increment); the weights do not depend on it.
     recipe = _recipe(tmp_path, "run", distributed="fsdp", async_checkpoint=False)
-    log = tmp_path / "killed.log"
-    published = tmp_path / "run" / "checkpoints" / "latest"  # the one of step 5 (run.checkpoint_every)
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(_olm(recipe, processes=2), cwd=tmp_path, env=_env(), stdout=handle,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: published.exists() and last_step(tmp_path / "run") >= 7, proc, timeout=240,
-                 what="a checkpoint and step 7")
-    finally:
-        _kill_tree(proc)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    _kill_two_ranks_mid_increment(recipe, tmp_path, tmp_path / "run")
     assert json.loads((latest(tmp_path / "run") / "trainer_state.json").read_text())["increment_complete"] is False
     # The same checkpoint resumed at another world size: DCP reshards the optimiser (2 ranks -> 1).
     shutil.copytree(tmp_path / "run", tmp_path / "one", symlinks=True)

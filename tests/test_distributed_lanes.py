@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import add_shard, tiny_recipe, write_recipe
-from e2e_helpers import assert_bit_identical, last_step, latest, ledger_summary, wait_for, weights
-from test_distributed import _assert_close, _env, _kill_tree, _olm, _train
+from e2e_helpers import assert_bit_identical, latest, ledger_summary, weights
+from test_distributed import _assert_close, _kill_two_ranks_mid_increment, _olm, _train
 from test_distributed import pytestmark as distributed_marks
 
 from olm_cli.data import assign_lanes
@@ -78,17 +76,7 @@ def test_two_processes_reading_disjoint_lanes_match_one_process(root: Path) -> N
 def test_ddp_with_lanes_kill_9_mid_increment_resumes_bit_identically(root: Path, tmp_path: Path) -> None:
     _shards(tmp_path)
     recipe = _recipe(tmp_path, "run")
-    log = tmp_path / "killed.log"
-    published = tmp_path / "run" / "checkpoints" / "latest"  # the one of step 5 (run.checkpoint_every)
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(_olm(recipe, processes=2), cwd=tmp_path, env=_env(), stdout=handle,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: published.exists() and last_step(tmp_path / "run") >= 7, proc, timeout=240,
-                 what="a checkpoint and step 7")
-    finally:
-        _kill_tree(proc)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    _kill_two_ranks_mid_increment(recipe, tmp_path, tmp_path / "run")
     killed = json.loads((latest(tmp_path / "run") / "trainer_state.json").read_text())
     assert killed["increment_complete"] is False and len(killed["stream"]["lanes"]) == 2
     # The same checkpoint continued by one process: it reads both lanes, the sequence is the same.
