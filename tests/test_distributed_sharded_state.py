@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +35,21 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 65, (2, 4, 10), generator=generator)
     return [{"input_ids": b, "labels": b, "attention_mask": torch.ones_like(b)} for b in ids]
+
+
+def _penalty_gradients_agree(regularizer: Any, reference: Any, sharded: torch.nn.Module,
+                             whole: torch.nn.Module) -> list[bool]:
+    """Whether the sharded penalty's gradient on this rank's rows is the whole penalty's gradient there."""
+    from olm_cli.distributed.sharded_state import local_parameter_state
+
+    regularizer.penalty(sharded).backward()
+    reference.penalty(whole).backward()
+    grads = {n: p.grad for n, p in whole.named_parameters()}
+    agree = []
+    for name, param in sharded.named_parameters():
+        mine = local_parameter_state({"g": {name: grads[name]}}, sharded)["g"][name]
+        agree.append(torch.allclose(param.grad.to_local(), mine, rtol=1e-5, atol=1e-8))
+    return agree
 
 
 def _rank(rank: int, port: int, out: str) -> None:
@@ -68,12 +84,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             for model in (whole, sharded):
                 for p in model.parameters():
                     p.add_(0.01)
-        ewc.penalty(sharded).backward()
-        reference.penalty(whole).backward()
-        grads = {n: p.grad for n, p in whole.named_parameters()}
-        for name, param in sharded.named_parameters():
-            mine = local_parameter_state({"g": {name: grads[name]}}, sharded)["g"][name]
-            checks.append(torch.allclose(param.grad.to_local(), mine, rtol=1e-5, atol=1e-8))
+        checks.extend(_penalty_gradients_agree(ewc, reference, sharded, whole))
         checks.append(estimate_fisher(sharded, []) == {})
         # L2: the same pull with F = 1, from an anchor taken now.
         l2, l2_reference = L2Regularizer(RegularizeConfig(method="l2")), L2Regularizer(RegularizeConfig(method="l2"))
@@ -85,12 +96,7 @@ def _rank(rank: int, port: int, out: str) -> None:
                     p.mul_(1.5)
         for model in (whole, sharded):
             model.zero_grad(set_to_none=True)
-        l2.penalty(sharded).backward()
-        l2_reference.penalty(whole).backward()
-        grads = {n: p.grad for n, p in whole.named_parameters()}
-        for name, param in sharded.named_parameters():
-            mine = local_parameter_state({"g": {name: grads[name]}}, sharded)["g"][name]
-            checks.append(torch.allclose(param.grad.to_local(), mine, rtol=1e-5, atol=1e-8))
+        checks.extend(_penalty_gradients_agree(l2, l2_reference, sharded, whole))
         Path(out, f"{rank}.txt").write_text(str(checks))
     finally:
         dist.destroy_process_group()
