@@ -43,6 +43,20 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
+# The domain of a shard from its path: the directory name, less an ``NN-`` order prefix.
+DOMAIN_PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A 320-token BPE trained on the alpha and beta words (a module may define its own instead)."""
+    from olm_cli.modeling import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    shard = write_jsonl(root / "t.jsonl", make_documents("alpha", 40, 0) + make_documents("beta", 40, 0))
+    return train_tokenizer([shard], "text", vocab_size=320, limit_chars=100_000)
+
+
 def add_shard(root: Path, domain: str, index: int, docs: int = 24, order: int | None = None) -> Path:
     order = order if order is not None else list(WORDS).index(domain)
     return write_jsonl(root / f"{order:02d}-{domain}" / f"shard-{index:03d}.jsonl", make_documents(domain, docs, index))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_shard, tiny_recipe, write_recipe
+from conftest import DOMAIN_PATTERN, add_shard, tiny_recipe, write_recipe
 from e2e_helpers import (
     assert_bit_identical,
     cli,
@@ -26,8 +26,6 @@ from transformers import AutoTokenizer
 from olm_cli.data import BlockStream, lane_positions, position_has_work, position_unread_shards
 from olm_cli.increment import run_increment
 from olm_cli.recipe import recipe_from_dict
-
-PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
 
 
 def _ledger_tokens(run: Path) -> dict[str, int]:
@@ -48,7 +46,7 @@ def test_budget_cut_after_the_last_shard_was_read_carries_only_its_pending_block
     # With one block per step, stopping one step before the end leaves only the shard's tail:
     # the end-of-increment read-ahead hits the end of the file and the tail stays in the carry. That
     # shard must then not be planned again from its start.
-    stream = BlockStream([shard], tokenizer, block_size=32, domain_pattern=PATTERN)
+    stream = BlockStream([shard], tokenizer, block_size=32, domain_pattern=DOMAIN_PATTERN)
     blocks = stream.take(100_000)
     assert len(blocks[-1]) < 32, "the shard should end with a short tail block"
     cut = len(blocks) - 1

@@ -9,20 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_documents, write_jsonl
+from conftest import DOMAIN_PATTERN, make_documents, write_jsonl
 
 from olm_cli.data import BlockStream, discover_shards, domain_of, read_blocks, validate_shard
 from olm_cli.errors import DataError, RecipeError
-from olm_cli.modeling import train_tokenizer
-
-PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tok")
-    shard = write_jsonl(root / "t.jsonl", make_documents("alpha", 40, 0) + make_documents("beta", 40, 0))
-    return train_tokenizer([shard], "text", vocab_size=320, limit_chars=100_000)
 
 
 def test_discover_globs_dirs_and_missing(tmp_path: Path) -> None:
@@ -38,8 +28,8 @@ def test_discover_globs_dirs_and_missing(tmp_path: Path) -> None:
 
 
 def test_domain_from_path() -> None:
-    assert domain_of("/data/stream/00-code/shard-001.jsonl", PATTERN) == "code"
-    assert domain_of("/data/stream/prose/s.jsonl", PATTERN) == "prose"
+    assert domain_of("/data/stream/00-code/shard-001.jsonl", DOMAIN_PATTERN) == "code"
+    assert domain_of("/data/stream/prose/s.jsonl", DOMAIN_PATTERN) == "prose"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +69,7 @@ def test_validate_accepts_gzip_txt_and_parquet(tmp_path: Path) -> None:
 def test_packing_joins_documents_with_eos_and_never_mixes_domains(tmp_path: Path, tokenizer) -> None:
     a = write_jsonl(tmp_path / "00-alpha" / "a.jsonl", make_documents("alpha", 6, 1))
     b = write_jsonl(tmp_path / "01-beta" / "b.jsonl", make_documents("beta", 6, 1))
-    stream = BlockStream([a, b], tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=2)
+    stream = BlockStream([a, b], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=2)
     blocks = stream.take(10_000)
     assert stream.exhausted
     assert all(len(blk) <= 16 for blk in blocks)
@@ -96,13 +86,13 @@ def test_packing_joins_documents_with_eos_and_never_mixes_domains(tmp_path: Path
 
 def test_stream_resumes_exactly_from_state(tmp_path: Path, tokenizer) -> None:
     shards = [write_jsonl(tmp_path / "00-alpha" / f"s{i}.jsonl", make_documents("alpha", 30, i)) for i in range(3)]
-    full = BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN)
+    full = BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     reference = [blk.tokens.tolist() for blk in full.take(10_000)]
     for cut in (1, 7, len(reference) // 2, len(reference) - 1):
-        first = BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN)
+        first = BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
         head = [blk.tokens.tolist() for blk in first.take(cut)]
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        second = BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN)
+        second = BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
         second.load_state_dict(state)
         tail = [blk.tokens.tolist() for blk in second.take(10_000)]
         assert head + tail == reference, f"resume at block {cut} diverged"
@@ -119,16 +109,16 @@ def test_state_taken_right_after_a_resume_keeps_the_position(tmp_path: Path, tok
     # A checkpoint can be written before the resumed reader yields again (blocks were pending);
     # its position must still be the resumed one, not the start of the shard.
     shard = write_jsonl(tmp_path / "00-alpha" / "s.jsonl", make_documents("alpha", 200, 5))
-    full = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    full = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     reference = [blk.tokens.tolist() for blk in full.take(100_000)]
-    first = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    first = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     head = [blk.tokens.tolist() for blk in first.take(len(reference) // 2)]
     state = json.loads(json.dumps(first.state_dict()))
-    second = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    second = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     second.load_state_dict(state)
     again = json.loads(json.dumps(second.state_dict()))  # before reading anything
     assert again == state
-    third = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN)
+    third = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     third.load_state_dict(again)
     assert head + [blk.tokens.tolist() for blk in third.take(100_000)] == reference
 
@@ -187,8 +177,8 @@ def test_chunk_end_cuts_before_whitespace_and_tokens_match(tokenizer) -> None:
 
 def test_long_document_is_tokenised_in_chunks_with_the_same_blocks(tmp_path: Path, tokenizer) -> None:
     shard, text = _one_document_shard(tmp_path / "00-alpha" / "big.jsonl", 20_000)
-    whole = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, chunk_chars=10**9)
-    chunked = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, chunk_chars=5_000)
+    whole = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, chunk_chars=10**9)
+    chunked = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, chunk_chars=5_000)
     expected = [b.tokens.tolist() for b in whole.take(10**6)]
     first = chunked.take(3)
     # One refill tokenised one chunk, not the whole 100 kB record.
@@ -201,7 +191,7 @@ def test_long_document_is_tokenised_in_chunks_with_the_same_blocks(tmp_path: Pat
 def test_resume_in_the_middle_of_a_long_document(tmp_path: Path, tokenizer) -> None:
     shard, _ = _one_document_shard(tmp_path / "00-alpha" / "big.jsonl", 20_000)
     short = write_jsonl(tmp_path / "00-alpha" / "small.jsonl", make_documents("alpha", 5, 1))
-    options = {"block_size": 16, "domain_pattern": PATTERN, "chunk_chars": 3_000, "max_document_tokens": 2_000}
+    options = {"block_size": 16, "domain_pattern": DOMAIN_PATTERN, "chunk_chars": 3_000, "max_document_tokens": 2_000}
     reference = [b.tokens.tolist() for b in BlockStream([short, shard], tokenizer, **options).take(10**6)]
     for cut in (40, 700, len(reference) - 3):
         first = BlockStream([short, shard], tokenizer, **options)
@@ -217,7 +207,7 @@ def test_resume_in_the_middle_of_a_long_document(tmp_path: Path, tokenizer) -> N
 def test_document_over_the_cap_is_split_into_eos_terminated_pieces(tmp_path: Path, tokenizer) -> None:
     shard, text = _one_document_shard(tmp_path / "00-alpha" / "big.jsonl", 3_000)
     warnings: list[str] = []
-    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=1,
+    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=1,
                          max_document_tokens=500, chunk_chars=700, warn=warnings.append)
     tokens = np.concatenate([b.tokens for b in stream.take(10**6)]).tolist()
     ids = _reference_ids(tokenizer, text)
@@ -235,7 +225,7 @@ def test_document_over_the_cap_is_skipped_and_counted(tmp_path: Path, tokenizer)
     _, big = _one_document_shard(tmp_path / "unused.jsonl", 3_000)
     shard = write_jsonl(tmp_path / "00-alpha" / "mixed.jsonl", [small[0], big, small[1]])
     warnings: list[str] = []
-    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=1,
+    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=1,
                          max_document_tokens=500, long_documents="skip", chunk_chars=700, warn=warnings.append)
     tokens = np.concatenate([b.tokens for b in stream.take(10**6)]).tolist()
     eos = tokenizer.eos_token_id
@@ -292,6 +282,6 @@ def test_a_stream_refuses_a_fifo_instead_of_blocking(tmp_path: Path, tokenizer) 
     fifo = tmp_path / "00-alpha" / "seed.jsonl"
     fifo.parent.mkdir()
     os.mkfifo(fifo)
-    stream = BlockStream([fifo], tokenizer, block_size=16, domain_pattern=PATTERN)
+    stream = BlockStream([fifo], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN)
     with pytest.raises(DataError, match=r"seed.jsonl: not a regular file \(FIFO\)"):
         stream.take(1)

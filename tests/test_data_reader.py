@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_documents, write_jsonl
+from conftest import DOMAIN_PATTERN, make_documents, write_jsonl
 
 from olm_cli.data import BlockStream, open_reader
 from olm_cli.data.reader import BadRecord
-from olm_cli.modeling import train_tokenizer
 
-PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
 TRICKY_TXT = "\n\nfirst para\nstill first\n\n\nsecond\r\nline two\r\n\r\n \n\nthird\n\n\n\nlast\n"
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tok")
-    shard = write_jsonl(root / "t.jsonl", make_documents("alpha", 40, 0) + make_documents("beta", 40, 0))
-    return train_tokenizer([shard], "text", vocab_size=320, limit_chars=100_000)
 
 
 def _all(reader) -> list[str]:
@@ -92,14 +84,14 @@ def test_batched_tokenisation_gives_the_per_document_tokens(tmp_path: Path, toke
     shard = write_jsonl(tmp_path / "00-alpha" / "a.jsonl", texts)
     expected = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
     for batch in (1, 7, 64):
-        stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=1,
+        stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=1,
                              batch_documents=batch)
         assert np.concatenate([b.tokens for b in stream.take(10**6)]).tolist() == expected
 
 
 def test_blocks_cross_shards_and_every_token_is_attributed_to_its_shard(tmp_path: Path, tokenizer) -> None:
     shards = [write_jsonl(tmp_path / "00-alpha" / f"s{i}.jsonl", make_documents("alpha", 1 + i % 3, i)) for i in range(9)]
-    stream = BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=1)
+    stream = BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=1)
     finished: list[str] = []
     counted: dict[str, int] = {}
     seen: set[str] = set()
@@ -114,7 +106,7 @@ def test_blocks_cross_shards_and_every_token_is_attributed_to_its_shard(tmp_path
             assert shard in seen and shard not in finished
             finished.append(shard)
     assert sorted(finished) == sorted(str(s) for s in shards)
-    assert all(len(b) == 16 for b in BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN).take(10**6)[:-1])
+    assert all(len(b) == 16 for b in BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN).take(10**6)[:-1])
     for i, shard in enumerate(shards):
         texts = make_documents("alpha", 1 + i % 3, i)
         assert counted[str(shard)] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
@@ -122,7 +114,7 @@ def test_blocks_cross_shards_and_every_token_is_attributed_to_its_shard(tmp_path
 
 def test_cross_shard_stream_resumes_bit_identically_at_every_block(tmp_path: Path, tokenizer) -> None:
     shards = [write_jsonl(tmp_path / "00-alpha" / f"s{i}.jsonl", make_documents("alpha", 2, i)) for i in range(6)]
-    options = {"block_size": 16, "domain_pattern": PATTERN, "batch_documents": 3}
+    options = {"block_size": 16, "domain_pattern": DOMAIN_PATTERN, "batch_documents": 3}
     reference = [(b.tokens.tolist(), b.token_spans()) for b in BlockStream(shards, tokenizer, **options).take(10**6)]
     for cut in range(len(reference)):
         first = BlockStream(shards, tokenizer, **options)
@@ -141,7 +133,7 @@ def test_a_bad_record_quarantines_the_rest_of_its_shard(tmp_path: Path, tokenize
     with open(shard, "a", encoding="utf-8") as handle:
         handle.write('{"text": oops\n' + json.dumps({"text": "never read"}) + "\n")
     warnings: list[str] = []
-    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=PATTERN, min_block_tokens=1,
+    stream = BlockStream([shard], tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, min_block_tokens=1,
                          bad_records="quarantine", warn=warnings.append)
     tokens = np.concatenate([b.tokens for b in stream.take(10**6)]).tolist()
     assert len(tokens) == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in good)
@@ -153,8 +145,8 @@ def test_a_bad_record_quarantines_the_rest_of_its_shard(tmp_path: Path, tokenize
 
 def test_the_block_estimate_is_exact_once_read_and_close_before(tmp_path: Path, tokenizer) -> None:
     shards = [write_jsonl(tmp_path / "00-alpha" / f"s{i}.jsonl", make_documents("alpha", 20, i)) for i in range(20)]
-    stream = BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN, batch_documents=16)
-    total = len(BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN).take(10**7))
+    stream = BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, batch_documents=16)
+    total = len(BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN).take(10**7))
     first = stream.remaining_blocks_estimate()
     assert first is not None and abs(first - total) / total < 0.1, (first, total)
     taken = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_documents, write_jsonl
+from conftest import DOMAIN_PATTERN, make_documents, write_jsonl
 
 from olm_cli.data import (
     BlockStream,
@@ -27,18 +27,10 @@ from olm_cli.data import (
 )
 from olm_cli.data.lanes import LaneStream
 from olm_cli.errors import DataError
-from olm_cli.modeling import train_tokenizer
 from olm_cli.pipeline import PrefetchStream, ShuffleStream, json_position
 
-PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
 SIZES = [1, 4, 2, 7, 3, 3, 5, 1, 500, 4]
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("tok")
-    shard = write_jsonl(root / "t.jsonl", make_documents("alpha", 40, 0) + make_documents("beta", 40, 0))
-    return train_tokenizer([shard], "text", vocab_size=320, limit_chars=100_000)
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def shards(tmp_path: Path) -> list[Path]:
 
 
 def _plain(shards: list[Path], tokenizer: Any) -> BlockStream:
-    return BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN, bad_records="quarantine")
+    return BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, bad_records="quarantine")
 
 
 def _lane_maker(tokenizer: Any, *, depth: int = 0) -> Callable[[list[Path], int], Any]:

@@ -15,22 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_documents, write_jsonl
+from conftest import DOMAIN_PATTERN, make_documents, write_jsonl
 
 from olm_cli.data import BlockStream
 from olm_cli.errors import DataError
-from olm_cli.modeling import train_tokenizer
 from olm_cli.pipeline import PrefetchStream, ShuffleStream, build_training_stream, json_position
 from olm_cli.samples import Block
-
-PATTERN = r"(?:\d+-)?(?P<domain>[^/\\]+)[/\\][^/\\]+$"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("tok")
-    shard = write_jsonl(root / "t.jsonl", make_documents("alpha", 40, 0) + make_documents("beta", 40, 0))
-    return train_tokenizer([shard], "text", vocab_size=320, limit_chars=100_000)
 
 
 @pytest.fixture
@@ -43,7 +33,7 @@ def shards(tmp_path: Path) -> list[Path]:
 
 
 def _plain(shards: list[Path], tokenizer: Any, **options: Any) -> BlockStream:
-    return BlockStream(shards, tokenizer, block_size=16, domain_pattern=PATTERN, **options)
+    return BlockStream(shards, tokenizer, block_size=16, domain_pattern=DOMAIN_PATTERN, **options)
 
 
 def _prefetch(shards: list[Path], tokenizer: Any, *, chunk: int = 3, depth: int = 2) -> PrefetchStream:
